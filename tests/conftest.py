@@ -1,0 +1,51 @@
+"""Shared fixtures: where the offline data and the authors' golden files live."""
+
+import json
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _shared_path(env_var: str, relative: str) -> pathlib.Path:
+    if os.environ.get(env_var):
+        return pathlib.Path(os.environ[env_var])
+    return REPO_ROOT.parent / "shared" / relative
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> pathlib.Path:
+    path = _shared_path("MEMNAS_REFERENCE_DIR", "reference") / "golden"
+    if not (path / "memnas_candidates.json").exists():
+        pytest.skip(f"authors' golden data not found at {path}: set MEMNAS_REFERENCE_DIR to the "
+                    "folder holding golden/ (../shared/reference in CI)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden_candidates(golden_dir) -> dict:
+    return json.loads((golden_dir / "memnas_candidates.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_estimator(golden_dir) -> dict:
+    return json.loads((golden_dir / "estimator_vectors.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+    path = _shared_path("MEMNAS_DATA_DIR", "data")
+    if not path.exists():
+        pytest.skip(f"offline data not found at {path}: set MEMNAS_DATA_DIR (../shared/data in CI)")
+    return path
+
+
+# The authors' 2-bit link meant add/concat in their rounds 0-1 and the output edge from round 2 on.
+GOLDEN_CONVENTION = {"round0": "combine", "round1": "combine", "round2": "link"}
+
+
+@pytest.fixture(scope="session")
+def golden_convention() -> dict:
+    return GOLDEN_CONVENTION
