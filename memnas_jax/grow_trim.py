@@ -132,6 +132,10 @@ class Candidate:
     new_cell: Cell | None = None
     arch_hash: str = ""
 
+    def __post_init__(self):
+        if not self.arch_hash:
+            object.__setattr__(self, "arch_hash", self.architecture.canonical_hash())
+
     def describe(self) -> str:
         where = "all blocks" if self.block is None else f"block {self.block + 1}"
         if self.kind == "grow":
