@@ -1,0 +1,581 @@
+"""Datasets and input pipelines (DESIGN.md sections 8 and 10).
+
+Two kinds of splits:
+
+* `ArraySplit`: a whole split as uint8 NHWC + int32 arrays (CIFAR-10/100, synthetic data). Training
+  copies it to the accelerator once; shuffling, random crop, flip, Cutout and normalisation then run
+  as jitted JAX code from an epoch key (`epoch_permutation`, `augment_batch`), with no per-step
+  host work.
+* `StreamingSplit`: a random-access record source too large for the device (ImageNet through
+  `tfds.data_source`). `host_batches` decodes, crops and batches on the host (grain when
+  installed, else a numpy iterator with a thread pool); the device then applies the same
+  flip / normalisation code to each batch.
+
+CIFAR comes from `.npz` copies (arrays `image` uint8 NHWC and `label`: `config.npz_dir`, or
+`$MEMNAS_DATA_DIR/<name>/{train,test}.npz`) or from a prepared TFDS dataset; nothing here ever
+downloads. The validation split used for search-time selection is held out of the training set,
+stratified and deterministic in `validation_seed`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+DATA_DIR_ENV = "MEMNAS_DATA_DIR"
+
+# Per-channel statistics on the [0, 1] scale. CIFAR-10: the authors' Normalize
+# (mean [125.3, 123.0, 113.9] / 255, std [63.0, 62.1, 66.7] / 255, memnas_method.md 6.2).
+CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CIFAR_NAMES = {"cifar10": 10, "cifar100": 100}
+IMAGENET_NAMES = {"imagenet2012": 224, "imagenet_resized/32x32": 32, "imagenet_resized/64x64": 64}
+DATASET_NAMES = (*CIFAR_NAMES, *IMAGENET_NAMES, "synthetic")
+SOURCES = ("auto", "npz", "tfds")
+SUBSET_MODES = ("stratified", "first")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No local copy of a dataset; the message says every way to provide one."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Which dataset, from where, and how it is split."""
+    c = ml_collections.ConfigDict()
+    c.name = "cifar10"  # one of DATASET_NAMES
+    c.source = "auto"  # "auto": npz when a copy is found, else TFDS; or force "npz" / "tfds"
+    c.npz_dir = ""  # folder holding train.npz and test.npz ("" = $MEMNAS_DATA_DIR/<name>)
+    c.tfds_data_dir = ""  # TFDS data_dir ("" = TFDS default, i.e. $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.validation_size = 5000  # held out of the training set for search-time selection; 0 = none
+    c.validation_seed = 0
+    c.train_subset = 0  # 0 = whole split; else this many examples (smoke runs)
+    c.validation_subset = 0
+    c.test_subset = 0
+    c.subset_mode = "stratified"  # "stratified" (equal per class) or "first" (first N as stored)
+    # synthetic data (tests, benchmarks)
+    c.synthetic = ml_collections.ConfigDict(dict(
+        num_train=512, num_validation=128, num_test=128, image_size=32, channels=3,
+        num_classes=10, seed=0))
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and datasets
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySplit:
+    """A split held in memory: `images` uint8 (N, H, W, C), `labels` int32 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        images, labels = np.asarray(self.images), np.asarray(self.labels)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} "
+                             f"{images.shape}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        object.__setattr__(self, "images", images)
+        object.__setattr__(self, "labels", labels.astype(np.int32, copy=False))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, indices: np.ndarray) -> "ArraySplit":
+        return ArraySplit(self.images[indices], self.labels[indices])
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingSplit:
+    """A random-access source of records {"image": uint8 HWC, "label": int} (a
+    `tfds.data_source`, or any sequence), batched on the host at `image_size`.
+
+    `resize`: "none" (records already have the size), or "imagenet" (train: random-resized crop;
+    eval: resize the shorter side to image_size / 0.875, centre crop)."""
+
+    source: Any
+    image_size: int
+    resize: str = "none"
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+Split = ArraySplit | StreamingSplit
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    train: Split
+    validation: Split | None
+    test: Split | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def on_device(self) -> bool:
+        """True when the splits are arrays to keep on the accelerator (CIFAR-size data)."""
+        return isinstance(self.train, ArraySplit)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k} {len(s)}" for k, s in (("train", self.train),
+                          ("validation", self.validation), ("test", self.test)) if s is not None)
+        return f"{self.name} ({self.num_classes} classes, {self.image_shape}): {sizes}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic splitting
+
+
+def stratified_indices(labels: np.ndarray, count: int, seed: int | None = None) -> np.ndarray:
+    """`count` indices spread equally over the classes (the first classes get the remainder):
+    within each class the first ones in stored order (seed None) or a seeded random choice.
+    Sorted, so the split keeps the stored order."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if not 0 <= count <= len(labels):
+        raise ValueError(f"cannot take {count} of {len(labels)} examples")
+    rng = None if seed is None else np.random.default_rng(seed)
+    per_class = [count // len(classes) + (i < count % len(classes)) for i in range(len(classes))]
+    chosen = []
+    for cls, k in zip(classes, per_class):
+        members = np.flatnonzero(labels == cls)
+        if k > len(members):
+            raise ValueError(f"class {cls} has {len(members)} examples, {k} requested")
+        chosen.append(members[:k] if rng is None else rng.choice(members, k, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def hold_out_validation(split: ArraySplit, size: int, seed: int
+                        ) -> tuple[ArraySplit, ArraySplit | None]:
+    """(train minus validation, validation): `size` examples, stratified, chosen by `seed`."""
+    if size <= 0:
+        return split, None
+    if size >= len(split):
+        raise ValueError(f"validation size {size} leaves no training data out of {len(split)}")
+    val = stratified_indices(split.labels, size, seed)
+    keep = np.ones(len(split), bool)
+    keep[val] = False
+    return split.take(np.flatnonzero(keep)), split.take(val)
+
+
+def subset(split: Split | None, count: int, mode: str = "stratified") -> Split | None:
+    """The first `count` examples, or `count` spread equally over the classes (the CIFAR-10
+    test .npz is grouped by class, so "first" would be one class only)."""
+    if split is None or count <= 0 or count >= len(split):
+        return split
+    if mode not in SUBSET_MODES:
+        raise ValueError(f"subset_mode {mode!r} is not one of {SUBSET_MODES}")
+    if isinstance(split, StreamingSplit):
+        if mode != "first":
+            raise ValueError("a streaming split supports subset_mode 'first' only")
+        return dataclasses.replace(split, source=_Prefix(split.source, count))
+    if mode == "first":
+        return split.take(np.arange(count))
+    return split.take(stratified_indices(split.labels, count))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prefix:
+    source: Any
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        return self.source[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+    """The dataset named by `config` (see `default_data_config`), split and subset."""
+    name = config.name
+    if name == "synthetic":
+        s = config.synthetic
+        dataset = synthetic_dataset(s.num_train, s.num_validation, s.num_test,
+                                    (s.image_size, s.image_size, s.channels), s.num_classes, s.seed)
+        validation_from_train = False
+    elif name in CIFAR_NAMES:
+        dataset = _load_cifar(name, config)
+        validation_from_train = True
+    elif name in IMAGENET_NAMES:
+        dataset = _load_imagenet(name, config)
+        validation_from_train = False
+    else:
+        raise ValueError(f"unknown dataset {name!r}; use one of {DATASET_NAMES}")
+    if validation_from_train:
+        train, validation = hold_out_validation(dataset.train, config.validation_size,
+                                                config.validation_seed)
+        dataset = dataclasses.replace(dataset, train=train, validation=validation)
+    mode = config.subset_mode
+    return dataclasses.replace(
+        dataset, train=subset(dataset.train, config.train_subset, mode),
+        validation=subset(dataset.validation, config.validation_subset, mode),
+        test=subset(dataset.test, config.test_subset, mode))
+
+
+def _npz_dir(name: str, config: ml_collections.ConfigDict) -> pathlib.Path | None:
+    if config.npz_dir:
+        return pathlib.Path(config.npz_dir)
+    if os.environ.get(DATA_DIR_ENV):
+        return pathlib.Path(os.environ[DATA_DIR_ENV]) / name
+    return None
+
+
+def _not_found(name: str, config: ml_collections.ConfigDict, details: Sequence[str]
+               ) -> DatasetNotFoundError:
+    tfds_dir = config.tfds_data_dir or "$TFDS_DATA_DIR or ~/tensorflow_datasets"
+    return DatasetNotFoundError(
+        f"dataset {name!r} not found ({'; '.join(details)}). Provide it one of two ways:\n"
+        f"  1. .npz copies (arrays 'image' uint8 NHWC and 'label'): set {DATA_DIR_ENV} to a folder "
+        f"holding {name}/train.npz and {name}/test.npz, or set config.data.npz_dir to the folder "
+        f"holding train.npz and test.npz;\n"
+        f"  2. a prepared TFDS dataset in {tfds_dir} (config.data.tfds_data_dir): on a machine "
+        f"with internet run `tfds build {name} --file_format=array_record` (preparing image "
+        f"datasets needs tensorflow-cpu once) and copy the data_dir here.")
+
+
+def _load_cifar(name: str, config: ml_collections.ConfigDict) -> Dataset:
+    if config.source not in SOURCES:
+        raise ValueError(f"data source {config.source!r} is not one of {SOURCES}")
+    npz_dir = _npz_dir(name, config)
+    details: list[str] = []
+    splits = None
+    if config.source in ("auto", "npz"):
+        if npz_dir is not None and (npz_dir / "train.npz").exists():
+            test = load_npz(npz_dir / "test.npz") if (npz_dir / "test.npz").exists() else None
+            splits = (load_npz(npz_dir / "train.npz"), test)
+        else:
+            details.append(f"no {npz_dir / 'train.npz'}" if npz_dir else
+                           f"{DATA_DIR_ENV} and config.data.npz_dir are unset")
+    if config.source == "tfds" or (config.source == "auto" and splits is None):
+        try:
+            splits = load_tfds_arrays(name, ("train", "test"), config.tfds_data_dir)
+        except DatasetNotFoundError as e:
+            details.append(str(e))
+    if splits is None:
+        raise _not_found(name, config, details)
+    train, test = splits
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    _check_labels(train, CIFAR_NAMES[name], name)
+    return Dataset(name, CIFAR_NAMES[name], train.images.shape[1:], train, None, test, mean, std)
+
+
+def _check_labels(split: ArraySplit, num_classes: int, name: str) -> None:
+    if len(split) and not 0 <= split.labels.min() <= split.labels.max() < num_classes:
+        raise ValueError(f"{name}: labels outside 0..{num_classes - 1}")
+
+
+def load_npz(path: str | os.PathLike) -> ArraySplit:
+    """An `ArraySplit` from an .npz with arrays `image` (uint8 NHWC) and `label`."""
+    with np.load(path) as data:
+        missing = {"image", "label"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path}: missing arrays {sorted(missing)} (has {data.files})")
+        return ArraySplit(data["image"], data["label"])
+
+
+def tfds_builder(name: str, data_dir: str = ""):
+    """The TFDS builder of a dataset prepared locally; never downloads. Raises
+    `DatasetNotFoundError` (in about a second) when it is not prepared."""
+    try:
+        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise DatasetNotFoundError(f"tensorflow_datasets is not importable: {e}") from None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:  # pylint: disable=broad-except  # tfds raises many types
+        raise DatasetNotFoundError(f"TFDS builder {name!r}: {type(e).__name__}: "
+                                   f"{str(e).strip().splitlines()[0]}") from None
+    if not builder.is_prepared():
+        raise DatasetNotFoundError(f"TFDS has no prepared {name!r} in {builder.data_dir}")
+    return builder
+
+
+def load_tfds_arrays(name: str, splits: Sequence[str] = ("train", "test"), data_dir: str = ""
+                     ) -> tuple[ArraySplit | None, ...]:
+    """Whole splits of a prepared TFDS image dataset as arrays (None for a missing split).
+    array_record data is read with `data_source` (no TensorFlow); tfrecord needs TensorFlow."""
+    builder = tfds_builder(name, data_dir)
+    out = []
+    for split in splits:
+        if split not in builder.info.splits:
+            out.append(None)
+            continue
+        if _is_array_record(builder):
+            source = builder.as_data_source(split=split)
+            records = [source[i] for i in range(len(source))]
+            images = np.stack([r["image"] for r in records])
+            labels = np.asarray([r["label"] for r in records])
+        else:
+            import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+            try:
+                arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+            except ImportError as e:
+                raise DatasetNotFoundError(
+                    f"TFDS {name!r} is prepared as tfrecord files, which need TensorFlow to "
+                    f"read ({e}); install tensorflow-cpu or rebuild it with "
+                    f"--file_format=array_record") from None
+            images, labels = arrays["image"], arrays["label"]
+        out.append(ArraySplit(images, labels))
+    return tuple(out)
+
+
+def _is_array_record(builder) -> bool:
+    return "array_record" in str(getattr(builder.info, "file_format", "")).lower()
+
+
+def tfds_streaming_split(name: str, split: str, data_dir: str = "", image_size: int = 224,
+                         resize: str = "imagenet") -> StreamingSplit:
+    """A random-access split of a prepared array_record TFDS dataset for the host pipeline."""
+    builder = tfds_builder(name, data_dir)
+    if not _is_array_record(builder):
+        raise DatasetNotFoundError(f"TFDS {name!r} in {builder.data_dir} is not in array_record "
+                                   "format, which the random-access host pipeline needs; "
+                                   "rebuild it with --file_format=array_record")
+    return StreamingSplit(builder.as_data_source(split=split), image_size, resize)
+
+
+IMAGENET_MANUAL = (
+    "ImageNet cannot be downloaded automatically: register at "
+    "https://image-net.org/download-images, put ILSVRC2012_img_train.tar and "
+    "ILSVRC2012_img_val.tar in <manual_dir>, then run `tfds build imagenet2012 "
+    "--manual_dir=<manual_dir> --file_format=array_record` once (needs tensorflow-cpu) and set "
+    "config.data.tfds_data_dir to its data_dir.")
+
+
+def _load_imagenet(name: str, config: ml_collections.ConfigDict) -> Dataset:
+    size = IMAGENET_NAMES[name]
+    resize = "imagenet" if name == "imagenet2012" else "none"
+    try:
+        train, validation = (tfds_streaming_split(name, s, config.tfds_data_dir, size, resize)
+                             for s in ("train", "validation"))
+        num_classes = tfds_builder(name, config.tfds_data_dir).info.features["label"].num_classes
+    except DatasetNotFoundError as e:
+        how = (IMAGENET_MANUAL if name == "imagenet2012" else
+               f"Run `tfds build {name} --file_format=array_record` where there is internet and "
+               "set config.data.tfds_data_dir to its data_dir.")
+        raise DatasetNotFoundError(f"dataset {name!r} not found ({e}). {how}") from None
+    return Dataset(name, num_classes, (size, size, 3), train, validation, None, IMAGENET_MEAN,
+                   IMAGENET_STD)
+
+
+def synthetic_dataset(num_train: int = 512, num_validation: int = 128, num_test: int = 128,
+                      image_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
+                      seed: int = 0) -> Dataset:
+    """Random but learnable data of any shape: each class is a fixed random prototype image plus
+    per-example noise. The prototypes are 4x4 patterns blown up to the image size, so random
+    crops and flips keep them recognisable. Means/stds are the midpoint 0.5 / 0.25."""
+    rng = np.random.default_rng(seed)
+    h, w, c = image_shape
+    coarse = rng.integers(0, 256, (num_classes, 4, 4, c))
+    prototypes = coarse[:, (np.arange(h) * 4 // h)][:, :, (np.arange(w) * 4 // w)]
+
+    def make(n):
+        if n <= 0:
+            return None
+        labels = np.arange(n) % num_classes
+        labels = labels[rng.permutation(n)]
+        noise = rng.normal(0, 48, (n, *image_shape))
+        return ArraySplit(np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8), labels)
+
+    return Dataset("synthetic", num_classes, (h, w, c), make(num_train), make(num_validation),
+                   make(num_test), (0.5,) * c, (0.25,) * c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-side augmentation (jitted, from keys)
+
+
+def epoch_permutation(key: jax.Array, num_examples: int) -> jax.Array:
+    """The example order of one epoch."""
+    return jax.random.permutation(key, num_examples)
+
+
+def random_crop(key: jax.Array, images: jax.Array, padding: int) -> jax.Array:
+    """Zero-pads by `padding` and crops back to the original size at a random offset per image
+    (torchvision RandomCrop(size, padding))."""
+    if padding <= 0:
+        return images
+    n, h, w, c = images.shape
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
+    crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c))
+    return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
+    """Mirrors each image left-right with probability 1/2."""
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+    return jnp.where(flip, images[:, :, ::-1], images)
+
+
+def cutout(key: jax.Array, images: jax.Array, length: int) -> jax.Array:
+    """Zeroes one `length` x `length` square per image, its centre uniform over the image and
+    the square clipped at the borders (DeVries & Taylor's Cutout, as the authors used it: after
+    normalisation, so the hole is the mean colour)."""
+    if length <= 0:
+        return images
+    n, h, w, _ = images.shape
+    ky, kx = jax.random.split(key)
+    cy = jax.random.randint(ky, (n, 1, 1), 0, h)
+    cx = jax.random.randint(kx, (n, 1, 1), 0, w)
+    ys, xs = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+    inside = ((ys >= cy - length // 2) & (ys < cy + length // 2)
+              & (xs >= cx - length // 2) & (xs < cx + length // 2))
+    return jnp.where(inside[..., None], jnp.zeros((), images.dtype), images)
+
+
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
+              dtype: Any = jnp.float32) -> jax.Array:
+    """uint8 [0, 255] -> (x / 255 - mean) / std per channel, in `dtype`."""
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+
+
+def augment_batch(key: jax.Array, images: jax.Array, *, mean: Sequence[float],
+                  std: Sequence[float], crop_padding: int = 4, flip: bool = True,
+                  cutout_length: int = 0, dtype: Any = jnp.float32) -> jax.Array:
+    """The training transform of a uint8 batch: random crop (pad `crop_padding`), flip,
+    normalisation, Cutout (0 = off). Deterministic in `key`."""
+    k_crop, k_flip, k_cut = jax.random.split(key, 3)
+    images = random_crop(k_crop, images, crop_padding)
+    if flip:
+        images = random_flip(k_flip, images)
+    return cutout(k_cut, normalize(images, mean, std, dtype), cutout_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host pipeline (ImageNet)
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a uint8 HWC image (scipy, so no imaging library is needed)."""
+    import scipy.ndimage  # pylint: disable=import-outside-toplevel
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    out = scipy.ndimage.zoom(image.astype(np.float32), (height / h, width / w, 1), order=1,
+                             mode="nearest", grid_mode=True)
+    return np.clip(np.rint(out[:height, :width]), 0, 255).astype(np.uint8)
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Inception-style crop: area 8-100 %, aspect 3/4-4/3, resized to size x size."""
+    h, w = image.shape[:2]
+    for _ in range(10):
+        area = h * w * rng.uniform(0.08, 1.0)
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        ch, cw = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
+        if 0 < ch <= h and 0 < cw <= w:
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            break
+    else:  # fall back to the central square
+        ch = cw = min(h, w)
+        y, x = (h - ch) // 2, (w - cw) // 2
+    return resize_image(image[y:y + ch, x:x + cw], size, size)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Resizes the shorter side to size / 0.875 and takes the centre size x size."""
+    h, w = image.shape[:2]
+    scale = size / 0.875 / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    resized = resize_image(image, nh, nw)
+    y, x = (nh - size) // 2, (nw - size) // 2
+    return resized[y:y + size, x:x + size]
+
+
+def preprocess_record(record: dict, split: StreamingSplit, train: bool,
+                      rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """A record -> (uint8 image of split.image_size, label)."""
+    image = np.asarray(record["image"], np.uint8)
+    if split.resize == "imagenet":
+        image = (random_resized_crop(image, split.image_size, rng) if train
+                 else center_crop(image, split.image_size))
+    elif image.shape[0] != split.image_size or image.shape[1] != split.image_size:
+        raise ValueError(f"record image {image.shape} is not {split.image_size} px square "
+                         "(set resize='imagenet')")
+    return image, int(record["label"])
+
+
+def host_batches(split: StreamingSplit, batch_size: int, *, seed: int, epoch: int, train: bool,
+                 num_threads: int = 0, use_grain: bool | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (uint8 images, int32 labels) batches of a streaming split.
+
+    Training: shuffled by (seed, epoch), random crops seeded per (seed, epoch, index), last
+    partial batch dropped. Evaluation: stored order, every example, the last batch short.
+    grain does the work when installed (and `use_grain` is not False), else a thread pool."""
+    n = len(split)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if train else np.arange(n)
+    if train:
+        order = order[: n - n % batch_size]
+
+    def load(i: int) -> tuple[np.ndarray, int]:
+        rng = np.random.default_rng([seed, epoch, int(i)])
+        return preprocess_record(split.source[int(i)], split, train, rng)
+
+    grain = _import_grain() if use_grain is not False else None
+    if use_grain and grain is None:
+        raise ImportError("use_grain=True but grain is not installed (pip install grain)")
+    threads = num_threads or min(8, os.cpu_count() or 1)
+    if grain is not None:
+        dataset = grain.MapDataset.source(order).map(load).batch(batch_size)
+        iterator = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                             prefetch_buffer_size=2 * batch_size))
+        for images, labels in iterator:
+            yield np.asarray(images, np.uint8), np.asarray(labels, np.int32)
+        return
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for start in range(0, len(order), batch_size):
+            items = list(pool.map(load, order[start:start + batch_size]))
+            yield (np.stack([im for im, _ in items]),
+                   np.asarray([label for _, label in items], np.int32))
+
+
+def _import_grain():
+    try:
+        import grain  # pylint: disable=import-outside-toplevel
+        return grain if hasattr(grain, "MapDataset") else None
+    except ImportError:
+        return None
+
+
+__all__ = [
+    "ArraySplit", "CIFAR10_MEAN", "CIFAR10_STD", "DATASET_NAMES", "DATA_DIR_ENV", "Dataset",
+    "DatasetNotFoundError", "IMAGENET_MANUAL", "StreamingSplit", "augment_batch", "center_crop",
+    "cutout", "default_data_config", "epoch_permutation", "hold_out_validation", "host_batches",
+    "load_dataset", "load_npz", "load_tfds_arrays", "normalize", "preprocess_record",
+    "random_crop", "random_flip", "random_resized_crop", "resize_image", "stratified_indices",
+    "subset", "synthetic_dataset", "tfds_builder", "tfds_streaming_split",
+]
