@@ -1,0 +1,660 @@
+"""Training one candidate network (DESIGN.md section 8): `train_candidate(arch, config, data, rng)`.
+
+* One jitted train step, data parallel with `jit` + `NamedSharding` over a 1-D device mesh
+  (`memnas_jax.sharding`): parameters replicated, the global batch split over the devices, so
+  gradients and BatchNorm statistics are over the global batch with no hand-written collectives.
+* CIFAR-size data lives on the device as uint8; the step gathers its batch from the epoch's
+  permutation and augments it there (`memnas_jax.data.augment_batch`). The step index is read from
+  the on-device metrics, so the host only dispatches: no per-step transfers or syncs.
+* Loss sums accumulate on the device and are read once per epoch (or every
+  `nan_check_every_steps`): a non-finite sum stops the candidate as "diverged". Any exception (a
+  compile error, an out-of-memory) ends it as "failed" with the message: nothing escapes to kill a
+  search. Config mistakes (`check_config`) still raise, since they would fail every candidate.
+* orbax checkpoints of the whole train state every N epochs make a long run resumable; the
+  resumed run ends with the same parameters as an uninterrupted one. An unreadable latest
+  checkpoint is reported, removed, and the previous one used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+import traceback
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from memnas_jax import data as data_lib
+from memnas_jax import sharding
+from memnas_jax.encoding import Cell
+from memnas_jax.space import Skeleton, cifar_skeleton, imagenet_skeleton
+
+STATUSES = ("ok", "diverged", "failed")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEPTHWISE_IMPLS = ("auto", "xla", "shifted")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The authors' search-time protocol (memnas_method.md 6.1): SGD lr 0.01 momentum 0.9, batch
+    64, 150 epochs with steps at 60 and 100, width 64, crop + flip; selection on a 5,000-image
+    validation split held out of the training set (the authors chose on the test set)."""
+    c = ml_collections.ConfigDict()
+    c.data = data_lib.default_data_config()
+    c.skeleton = ml_collections.ConfigDict(dict(
+        kind="cifar",  # "cifar" (cifar_skeleton) or "imagenet" (imagenet_skeleton)
+        width=64,
+        width_schedule="uniform",  # "uniform", "doubling" or multipliers "1,1,2,2,4"
+        removed_op="identity",
+        conv_bias=True,
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
+    ))
+    c.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True, cutout=0))
+    c.epochs = 150
+    c.batch_size = 64  # global, split over the devices
+    c.eval_batch_size = 500
+    c.optimizer = "sgd"  # "sgd" or "adamw"
+    c.learning_rate = 0.01
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 0.0  # sgd: L2 added to the gradient (PyTorch style); adamw: decoupled
+    c.schedule = "step"  # "step" (milestones x gamma) or "cosine"
+    c.milestones = (60, 100)  # epochs at whose start the learning rate is multiplied by gamma
+    c.gamma = 0.1
+    c.warmup_epochs = 0  # linear warmup from 0, both schedules
+    c.grad_clip_norm = 0.0  # 0 = off
+    c.label_smoothing = 0.0
+    c.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
+    c.depthwise_impl = "auto"  # "auto": "shifted" on CPU (2x faster there), "xla" elsewhere
+    c.num_devices = 0  # 0 = all local devices
+    c.eval_every_epochs = 1
+    c.nan_check_every_steps = 0  # 0 = once per epoch
+    c.checkpoint_dir = ""  # "" = no checkpoints
+    c.checkpoint_every_epochs = 0  # 0 = only the last epoch (when checkpoint_dir is set)
+    c.checkpoints_to_keep = 2
+    c.compilation_cache_dir = ""  # JAX persistent compilation cache ("" = off)
+    c.host_threads = 0  # host pipeline threads for streaming data (0 = auto)
+    return c
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError for settings no candidate could train with."""
+    choices = dict(optimizer=OPTIMIZERS, schedule=SCHEDULES, dtype=tuple(DTYPES),
+                   depthwise_impl=DEPTHWISE_IMPLS)
+    for field, allowed in choices.items():
+        if config[field] not in allowed:
+            raise ValueError(f"config.{field} = {config[field]!r} is not one of {allowed}")
+    for field in ("epochs", "batch_size", "eval_batch_size", "eval_every_epochs"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field} must be >= 1, got {config[field]}")
+    if config.learning_rate <= 0:
+        raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+    if list(config.milestones) != sorted(config.milestones):
+        raise ValueError(f"config.milestones must be increasing, got {config.milestones}")
+    if not 0 <= config.label_smoothing < 1:
+        raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
+
+
+def skeleton_from_config(config: ml_collections.ConfigDict, dataset: data_lib.Dataset
+                         ) -> Skeleton:
+    """The skeleton of `config.skeleton`, sized to the dataset's images and classes."""
+    s = config.skeleton
+    schedule = s.width_schedule
+    if schedule not in ("uniform", "doubling"):
+        schedule = tuple(int(m) for m in str(schedule).split(","))
+    size, _, channels = dataset.image_shape
+    common = dict(removed_op=s.removed_op, conv_bias=s.conv_bias, bn_momentum=s.bn_momentum,
+                  bn_epsilon=s.bn_epsilon)
+    if s.kind == "cifar":
+        return cifar_skeleton(s.width, schedule, num_classes=dataset.num_classes,
+                              **common).replace(image_size=size, in_channels=channels)
+    if s.kind == "imagenet":
+        return imagenet_skeleton(s.width, size, dataset.num_classes, schedule,
+                                 **common).replace(in_channels=channels)
+    raise ValueError(f"config.skeleton.kind {s.kind!r} is not 'cifar' or 'imagenet'")
+
+
+def resolve_depthwise_impl(name: str) -> str:
+    """"auto" -> "shifted" on CPU (XLA:CPU's depthwise weight gradient is a dense conv, ~2x
+    slower overall), "xla" on GPU/TPU."""
+    if name == "auto":
+        return "shifted" if jax.default_backend() == "cpu" else "xla"
+    return name
+
+
+def configure_compilation_cache(path: str) -> None:
+    """Turns on JAX's persistent compilation cache in `path` ("" leaves it as it is)."""
+    if path:
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    lr, total = config.learning_rate, config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    if config.schedule == "step":
+        # Like PyTorch MultiStepLR stepped at each epoch start: epoch m is the first at lr*gamma.
+        main = optax.piecewise_constant_schedule(
+            lr, {max(m * steps_per_epoch - warmup, 1): config.gamma for m in config.milestones})
+    else:
+        main = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+                   ) -> optax.GradientTransformation:
+    schedule = make_schedule(config, steps_per_epoch)
+    if config.optimizer == "sgd":
+        parts = [optax.add_decayed_weights(config.weight_decay)] if config.weight_decay else []
+        parts.append(optax.sgd(schedule, momentum=config.momentum or None,
+                               nesterov=config.nesterov))
+    else:
+        parts = [optax.adamw(schedule, weight_decay=config.weight_decay)]
+    if config.grad_clip_norm:
+        parts.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
+    return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# State and result
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a resumed run needs. `rng` is the raw uint32 data key (epoch keys fold in
+    the epoch), `epoch` the number of finished epochs."""
+
+    step: jax.Array
+    epoch: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What training one candidate gave. Accuracies are fractions in [0, 1]; None when the split
+    was not given (validation, test) or the run stopped before evaluating."""
+
+    status: str  # "ok" | "diverged" | "failed"
+    message: str
+    best_val_accuracy: float | None
+    best_val_epoch: int | None  # 1-based
+    final_val_accuracy: float | None
+    test_accuracy: float | None
+    loss_curve: tuple[float, ...]  # mean training loss of each epoch
+    val_accuracy_curve: tuple[float | None, ...]
+    epochs_done: int
+    resumed_from_epoch: int  # 0 = trained from scratch
+    param_count: int
+    wall_seconds: float
+    compile_seconds: float
+    images_per_second: float  # training throughput, compile and evaluation excluded
+    variables: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False,
+                                                             repr=False)  # host numpy
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (without the variables)."""
+        d = dataclasses.asdict(dataclasses.replace(self, variables=None))
+        d.pop("variables")
+        d["loss_curve"], d["val_accuracy_curve"] = list(self.loss_curve), list(
+            self.val_accuracy_curve)
+        return d
+
+
+def _failed(message: str, start: float, **known: Any) -> TrainResult:
+    fields = dict(best_val_accuracy=None, best_val_epoch=None, final_val_accuracy=None,
+                  test_accuracy=None, loss_curve=(), val_accuracy_curve=(), epochs_done=0,
+                  resumed_from_epoch=0, param_count=0, compile_seconds=0.0,
+                  images_per_second=0.0)
+    fields.update(known)
+    return TrainResult(status="failed", message=message,
+                       wall_seconds=time.perf_counter() - start, **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+                  ) -> jax.Array:
+    """Per-example softmax cross-entropy, in float32."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _epoch_keys(rng: jax.Array, epoch: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(shuffling key, augmentation key) of an epoch: a function of the data key and the epoch
+    alone, so a resumed run sees the same data as an uninterrupted one."""
+    keys = jax.random.split(jax.random.fold_in(rng, epoch))
+    return keys[0], keys[1]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _permutation(rng: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
+    return data_lib.epoch_permutation(_epoch_keys(rng, epoch)[0], num_examples)
+
+
+def _zeros(mesh, **dtypes: Any) -> dict:
+    """Replicated scalar accumulators, made on the host (no compile)."""
+    return sharding.replicate({k: np.zeros((), d) for k, d in dtypes.items()}, mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepFactory:
+    """Builds the jitted train and eval steps for one model / optimizer / mesh."""
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    mesh: Any
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int
+    flip: bool
+    cutout: int
+    label_smoothing: float
+    batch_size: int
+
+    def _train_on_batch(self, state: TrainState, metrics: dict, images: jax.Array,
+                        labels: jax.Array) -> tuple[TrainState, dict]:
+        images, labels = sharding.constrain_batch((images, labels), self.mesh)
+        key = jax.random.fold_in(_epoch_keys(state.rng, state.epoch)[1], metrics["steps"])
+        x = data_lib.augment_batch(key, images, mean=self.mean, std=self.std,
+                                   crop_padding=self.crop_padding, flip=self.flip,
+                                   cutout_length=self.cutout)
+
+        def loss_fn(params):
+            logits, updates = self.model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                mutable=["batch_stats"])
+            loss = jnp.mean(cross_entropy(logits, labels, self.label_smoothing))
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
+                              updates), batch_stats=batch_stats, opt_state=opt_state)
+        metrics = dict(loss_sum=metrics["loss_sum"] + loss, steps=metrics["steps"] + 1)
+        return state, metrics
+
+    def resident_train_step(self) -> Callable:
+        """(state, metrics, all images, all labels, permutation) -> (state, metrics); the
+        batch is the `steps`-th slice of the epoch's permutation."""
+        def step(state, metrics, images, labels, permutation):
+            idx = jax.lax.dynamic_slice_in_dim(permutation, metrics["steps"] * self.batch_size,
+                                               self.batch_size)
+            return self._train_on_batch(state, metrics, images[idx], labels[idx])
+        return self._jit_train(step)
+
+    def streamed_train_step(self) -> Callable:
+        """(state, metrics, batch images, batch labels) -> (state, metrics)."""
+        return self._jit_train(self._train_on_batch)
+
+    def init_state(self, rng: np.ndarray, sample_shape: tuple[int, ...]) -> TrainState:
+        """A fresh replicated `TrainState` from a raw uint32 key, in one compiled call.
+
+        Compiled without backend optimisation on CPU: it runs once, and XLA:CPU spends seconds
+        optimising the unrolled threefry hash of every initialiser (a w=8 net53: 37 s -> 9 s
+        on 2 busy cores)."""
+        def init(rng):
+            init_key, data_key = jax.random.split(rng)
+            variables = self.model.init(init_key, jnp.zeros(sample_shape, jnp.float32),
+                                        train=False)
+            params = variables["params"]
+            return TrainState(step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
+                              params=params, batch_stats=variables.get("batch_stats", {}),
+                              opt_state=self.tx.init(params), rng=data_key)
+        options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+        lowered = jax.jit(init, out_shardings=sharding.replicated(self.mesh)).lower(rng)
+        return lowered.compile(compiler_options=options)(rng)
+
+    def _jit_train(self, step: Callable) -> Callable:
+        repl = sharding.replicated(self.mesh)
+        return jax.jit(step, donate_argnums=(0, 1), out_shardings=(repl, repl))
+
+    def eval_step(self) -> Callable:
+        """(variables, totals, images (B,...), labels, mask) -> totals with correct / loss sums."""
+        def step(variables, totals, images, labels, mask):
+            images, labels, mask = sharding.constrain_batch((images, labels, mask), self.mesh)
+            logits = self.model.apply(variables, data_lib.normalize(images, self.mean, self.std),
+                                      train=False)
+            correct = (jnp.argmax(logits, -1) == labels) & mask
+            loss = jnp.where(mask, cross_entropy(logits, labels), 0.0)
+            return dict(correct=totals["correct"] + jnp.sum(correct, dtype=jnp.int32),
+                        loss_sum=totals["loss_sum"] + jnp.sum(loss),
+                        batches=totals["batches"] + 1)
+        return jax.jit(step, donate_argnums=(1,), out_shardings=sharding.replicated(self.mesh))
+
+    def resident_eval_step(self) -> Callable:
+        """Like `eval_step` on the `batches`-th batch of (batches, B, ...) device arrays."""
+        inner = self.eval_step()
+
+        def step(variables, totals, images, labels, mask):
+            i = totals["batches"]
+            return inner(variables, totals, images[i], labels[i], mask[i])
+        return jax.jit(step, donate_argnums=(1,),
+                       out_shardings=sharding.replicated(self.mesh))
+
+
+class _TimedFirstCall:
+    """A jitted function compiled ahead of time on its first call, the compile time recorded
+    (the compiled executable then runs without re-tracing)."""
+
+    def __init__(self, fn: Callable):
+        self._fn, self._compiled, self.compile_seconds = fn, None, 0.0
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            start = time.perf_counter()
+            self._compiled = self._fn.lower(*args).compile()
+            self.compile_seconds = time.perf_counter() - start
+        return self._compiled(*args)
+
+    @property
+    def compiled(self):
+        return self._compiled
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _checkpoint_manager(directory: str, keep: int):
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _save_checkpoint(manager, state: TrainState, history: list[dict]) -> None:
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    epoch = int(jax.device_get(state.epoch))
+    if epoch in manager.all_steps():  # a rerun of a finished run; orbax refuses to overwrite
+        return
+    manager.save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_state_dict(state)),
+        history=ocp.args.JsonSave({"epochs": history})))
+    # The next train step donates (frees) the state's buffers: let the save finish reading them.
+    manager.wait_until_finished()
+
+
+def _state_dict(state: TrainState) -> dict:
+    """The state as a plain dict: what the checkpoint holds."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def _restore_latest(manager, template: TrainState) -> tuple[TrainState | None, list, str]:
+    """The newest readable checkpoint (state, history, message). Unreadable ones are reported in
+    the message and deleted, so the rerun can save that epoch again."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(template))
+    notes = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+            state = TrainState(**restored["state"])
+            history = list(restored["history"]["epochs"])
+            if int(jax.device_get(state.epoch)) != step or len(history) != step:
+                raise ValueError(f"holds epoch {int(state.epoch)} and {len(history)} history "
+                                 "entries")
+        except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many
+            notes.append(f"checkpoint at epoch {step} is unreadable "
+                         f"({type(e).__name__}: {_first_line(e)}); deleted it")
+            logging.warning("%s", notes[-1])
+            manager.delete(step)
+            continue
+        notes.append(f"resumed from the checkpoint at epoch {step}")
+        return state, history, "; ".join(notes)
+    return None, [], "; ".join(notes)
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data on the device
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalArrays:
+    """A split padded to whole batches, shaped (batches, B, ...) and batch-sharded."""
+
+    images: jax.Array
+    labels: jax.Array
+    mask: jax.Array
+    size: int
+
+    @property
+    def num_batches(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _eval_arrays(split: data_lib.ArraySplit, batch_size: int, mesh) -> _EvalArrays:
+    n = len(split)
+    batches = -(-n // batch_size)
+    pad = batches * batch_size - n
+    images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
+    labels = np.concatenate([split.labels, np.zeros(pad, np.int32)])
+    mask = np.arange(batches * batch_size) < n
+    shaped = lambda a: a.reshape(batches, batch_size, *a.shape[1:])
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
+    arrays = jax.device_put((shaped(images), shaped(labels), shaped(mask)), spec)
+    return _EvalArrays(*arrays, size=n)
+
+
+def _pad_batch(images: np.ndarray, labels: np.ndarray, batch_size: int):
+    pad = batch_size - len(labels)
+    mask = np.arange(batch_size) < len(labels)
+    if pad:
+        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+    return images, labels, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+
+
+def train_candidate(arch: Iterable[Iterable[Cell]], config: ml_collections.ConfigDict,
+                    data: data_lib.Dataset, rng: jax.Array, *, skeleton: Skeleton | None = None,
+                    model: nn.Module | None = None) -> TrainResult:
+    """Trains `arch` from scratch on `data` (train split; validation each `eval_every_epochs`;
+    test at the end) and returns a `TrainResult`. Never raises for a candidate's own failure.
+
+    skeleton: overrides `config.skeleton`. model: any linen module with the MemNASNetwork
+    signature `__call__(x, train)` and a `batch_stats` collection, trained instead of `arch`.
+    """
+    check_config(config)
+    start = time.perf_counter()
+    configure_compilation_cache(config.compilation_cache_dir)
+    try:
+        return _train(arch, config, data, rng, skeleton, model, start)
+    except Exception as e:  # pylint: disable=broad-except  # a candidate must never kill a search
+        logging.warning("candidate failed: %s", traceback.format_exc())
+        return _failed(f"{type(e).__name__}: {_first_line(e, 2000)}", start)
+
+
+def _train(arch, config, data, rng, skeleton, model, start) -> TrainResult:
+    mesh = sharding.make_data_mesh(config.num_devices)
+    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.eval_batch_size, mesh, "eval batch size")
+    steps_per_epoch = len(data.train) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch size {config.batch_size} exceeds the {len(data.train)} "
+                         "training examples")
+    if model is None:
+        from memnas_jax.network import MemNASNetwork  # pylint: disable=import-outside-toplevel
+        skeleton = skeleton or skeleton_from_config(config, data)
+        model = MemNASNetwork(arch, skeleton, depthwise_impl=resolve_depthwise_impl(
+            config.depthwise_impl), dtype=DTYPES[config.dtype])
+    tx = make_optimizer(config, steps_per_epoch)
+    steps = _StepFactory(model, tx, mesh, tuple(data.mean), tuple(data.std),
+                         config.augment.crop_padding, config.augment.flip, config.augment.cutout,
+                         config.label_smoothing, config.batch_size)
+
+    # Initial state, replicated over the mesh.
+    rng = jnp.asarray(rng)
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    state = steps.init_state(np.asarray(rng, np.uint32), (1, *data.image_shape))
+    param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+
+    history: list[dict] = []
+    notes: list[str] = []
+    manager = None
+    if config.checkpoint_dir:
+        manager = _checkpoint_manager(config.checkpoint_dir, config.checkpoints_to_keep)
+        restored, history, note = _restore_latest(manager, state)
+        if note:
+            notes.append(note)
+        if restored is not None:
+            state = sharding.replicate(restored, mesh)
+    resumed_from = int(jax.device_get(state.epoch))
+
+    # Data.
+    if data.on_device:
+        train_arrays = sharding.replicate((data.train.images, data.train.labels), mesh)
+        train_step = _TimedFirstCall(steps.resident_train_step())
+
+        def epoch_batches(epoch: int) -> Iterator[tuple]:
+            del epoch  # the permutation comes from the key and epoch in the state
+            batch = (*train_arrays, _permutation(state.rng, state.epoch, len(data.train)))
+            for _ in range(steps_per_epoch):
+                yield batch
+    else:
+        train_step = _TimedFirstCall(steps.streamed_train_step())
+        host_seed = int(jax.device_get(state.rng)[-1])
+
+        def epoch_batches(epoch: int) -> Iterator[tuple]:
+            for images, labels in data_lib.host_batches(
+                    data.train, config.batch_size, seed=host_seed, epoch=epoch, train=True,
+                    num_threads=config.host_threads):
+                yield sharding.host_batch_to_global((images, labels), mesh)
+
+    evaluator = _Evaluator(steps, data, config, mesh)
+
+    # Epochs.
+    train_seconds, images_seen = 0.0, 0
+    status, message = "ok", ""
+    for epoch in range(resumed_from, config.epochs):
+        epoch_start = time.perf_counter()
+        metrics = _zeros(mesh, loss_sum=np.float32, steps=np.int32)
+        compile_before = train_step.compile_seconds
+        for i, batch in enumerate(epoch_batches(epoch)):
+            state, metrics = train_step(state, metrics, *batch)
+            if config.nan_check_every_steps and (i + 1) % config.nan_check_every_steps == 0:
+                if not np.isfinite(float(jax.device_get(metrics["loss_sum"]))):
+                    break
+        loss_sum, done_steps = jax.device_get((metrics["loss_sum"], metrics["steps"]))
+        train_seconds += (time.perf_counter() - epoch_start
+                          - (train_step.compile_seconds - compile_before))
+        images_seen += int(done_steps) * config.batch_size
+        mean_loss = float(loss_sum) / max(int(done_steps), 1)
+        if not math.isfinite(mean_loss):
+            status = "diverged"
+            message = f"training loss became {mean_loss} in epoch {epoch + 1}"
+            history.append(dict(epoch=epoch + 1, train_loss=mean_loss, val_accuracy=None))
+            break
+        state = state.replace(epoch=sharding.replicate(np.int32(epoch + 1), mesh))
+        evaluate_now = ((epoch + 1) % config.eval_every_epochs == 0
+                        or epoch + 1 == config.epochs)
+        val_accuracy = (evaluator.accuracy(state, data.validation)
+                        if evaluate_now and data.validation is not None else None)
+        history.append(dict(epoch=epoch + 1, train_loss=mean_loss, val_accuracy=val_accuracy))
+        logging.info("epoch %d/%d: loss %.4f, val accuracy %s, %.1f s", epoch + 1,
+                     config.epochs, mean_loss, val_accuracy, time.perf_counter() - epoch_start)
+        if manager is not None and (epoch + 1 == config.epochs or (
+                config.checkpoint_every_epochs
+                and (epoch + 1) % config.checkpoint_every_epochs == 0)):
+            _save_checkpoint(manager, state, history)
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+
+    test_accuracy = None
+    if status == "ok" and data.test is not None:
+        test_accuracy = evaluator.accuracy(state, data.test)
+    if status == "ok" and not message:
+        message = "; ".join(notes)
+    elif notes:
+        message = f"{message}; {'; '.join(notes)}"
+    val_curve = tuple(h["val_accuracy"] for h in history)
+    evaluated = [(acc, h["epoch"]) for acc, h in zip(val_curve, history) if acc is not None]
+    best = max(evaluated, key=lambda t: t[0], default=(None, None))
+    return TrainResult(
+        status=status, message=message, best_val_accuracy=best[0], best_val_epoch=best[1],
+        final_val_accuracy=evaluated[-1][0] if evaluated and status == "ok" else None,
+        test_accuracy=test_accuracy, loss_curve=tuple(h["train_loss"] for h in history),
+        val_accuracy_curve=val_curve, epochs_done=len([h for h in history
+                                                       if math.isfinite(h["train_loss"])]),
+        resumed_from_epoch=resumed_from, param_count=param_count,
+        wall_seconds=time.perf_counter() - start,
+        compile_seconds=train_step.compile_seconds + evaluator.compile_seconds,
+        images_per_second=images_seen / train_seconds if train_seconds > 0 else 0.0,
+        variables=jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
+
+
+class _Evaluator:
+    """Accuracy of the current state on a split (device-resident or streamed)."""
+
+    def __init__(self, steps: _StepFactory, data: data_lib.Dataset, config, mesh):
+        self._mesh, self._batch, self._threads = mesh, config.eval_batch_size, config.host_threads
+        self._resident = _TimedFirstCall(steps.resident_eval_step())
+        self._streamed = _TimedFirstCall(steps.eval_step())
+        self._arrays: dict[int, _EvalArrays] = {}
+
+    @property
+    def compile_seconds(self) -> float:
+        return self._resident.compile_seconds + self._streamed.compile_seconds
+
+    def accuracy(self, state: TrainState, split: data_lib.Split) -> float:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        totals = _zeros(self._mesh, correct=np.int32, loss_sum=np.float32, batches=np.int32)
+        if isinstance(split, data_lib.ArraySplit):
+            if id(split) not in self._arrays:
+                self._arrays[id(split)] = _eval_arrays(split, self._batch, self._mesh)
+            arrays = self._arrays[id(split)]
+            for _ in range(arrays.num_batches):
+                totals = self._resident(variables, totals, arrays.images, arrays.labels,
+                                        arrays.mask)
+        else:
+            for images, labels in data_lib.host_batches(split, self._batch, seed=0, epoch=0,
+                                                        train=False, num_threads=self._threads):
+                batch = sharding.host_batch_to_global(_pad_batch(images, labels, self._batch),
+                                                      self._mesh)
+                totals = self._streamed(variables, totals, *batch)
+        return int(jax.device_get(totals["correct"])) / len(split)
+
+
+__all__ = [
+    "DTYPES", "STATUSES", "TrainResult", "TrainState", "check_config",
+    "configure_compilation_cache", "cross_entropy", "default_config", "make_optimizer",
+    "make_schedule", "resolve_depthwise_impl", "skeleton_from_config", "train_candidate",
+]

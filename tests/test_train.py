@@ -1,0 +1,231 @@
+"""Training a candidate (memnas_jax.train): learning, divergence, failure, resume, schedules.
+
+The mechanics tests train a tiny BatchNorm CNN (`model=`), which compiles in about a second; the
+MemNASNetwork itself is trained on synthetic data once and, marked slow, on the real CIFAR-10.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from memnas_jax import data as data_lib
+from memnas_jax import train
+from memnas_jax.encoding import uniform_architecture
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+NET53 = uniform_architecture([(0, 0, "fac_conv_7", "sep_conv_3x3")])
+
+TINY_MODEL_SOURCE = '''
+import flax.linen as nn
+
+class TinyCNN(nn.Module):
+    """conv (stride 4) -> BatchNorm -> ReLU -> Dense: 5,370 parameters on 32x32x3."""
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(8, (3, 3), strides=4)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.relu(x).reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes)(x)
+'''
+exec(TINY_MODEL_SOURCE)  # defines TinyCNN here and, verbatim, in the multi-device subprocess
+
+
+def _config(**overrides):
+    config = train.default_config()
+    config.update(dict(epochs=3, batch_size=64, eval_batch_size=64, learning_rate=0.05,
+                       milestones=(2,), num_devices=1))
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return data_lib.synthetic_dataset(num_train=512, num_validation=128, num_test=128)
+
+
+def _max_abs_diff(a, b) -> float:
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+
+def test_tiny_model_learns_synthetic_data(synthetic):
+    result = train.train_candidate(None, _config(), synthetic, jax.random.PRNGKey(0),
+                                   model=TinyCNN())
+    assert result.status == "ok", result.message
+    assert result.epochs_done == 3 and result.resumed_from_epoch == 0
+    assert result.param_count == 3 * 3 * 3 * 8 + 8 + 2 * 8 + 8 * 8 * 8 * 10 + 10  # 5,370
+    assert len(result.loss_curve) == 3 and result.loss_curve[-1] < result.loss_curve[0] / 3
+    assert result.best_val_accuracy >= 0.9 and result.test_accuracy >= 0.9
+    assert result.final_val_accuracy == result.val_accuracy_curve[-1]
+    assert result.val_accuracy_curve[result.best_val_epoch - 1] == result.best_val_accuracy
+    assert result.compile_seconds > 0 and result.images_per_second > 0
+    assert result.wall_seconds > result.compile_seconds
+    assert set(result.variables) == {"params", "batch_stats"}
+    json.dumps(result.to_dict())  # JSON-ready
+    # Same key, same result; another key, another run.
+    again = train.train_candidate(None, _config(epochs=1), synthetic, jax.random.PRNGKey(0),
+                                  model=TinyCNN())
+    assert again.loss_curve[0] == result.loss_curve[0]
+
+
+def test_memnas_network_trains_and_counts_parameters(synthetic):
+    from memnas_jax.network import param_count
+    config = _config(epochs=1, depthwise_impl="xla")
+    config.skeleton.width = 4
+    result = train.train_candidate(NET53, config, synthetic, jax.random.PRNGKey(0))
+    assert result.status == "ok", result.message
+    skeleton = train.skeleton_from_config(config, synthetic)
+    assert result.param_count == param_count(NET53, skeleton)
+    assert np.isfinite(result.loss_curve[0]) and result.test_accuracy is not None
+
+
+def test_huge_learning_rate_diverges(synthetic):
+    result = train.train_candidate(None, _config(learning_rate=1e8, nan_check_every_steps=2),
+                                   synthetic, jax.random.PRNGKey(0), model=TinyCNN())
+    assert result.status == "diverged"
+    assert "training loss became" in result.message and "epoch 1" in result.message
+    assert result.epochs_done == 0 and result.test_accuracy is None
+    assert not np.isfinite(result.loss_curve[-1])
+
+
+class _Broken(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(10)(x.reshape(x.shape[0], -1)) @ np.ones((3, 3))  # shape error
+
+
+def test_exceptions_become_failed(synthetic):
+    result = train.train_candidate(None, _config(), synthetic, jax.random.PRNGKey(0),
+                                   model=_Broken())
+    assert result.status == "failed" and "TypeError" in result.message
+    assert "dot_general" in result.message or "matmul" in result.message
+    bad_arch = train.train_candidate([[]], _config(), synthetic, jax.random.PRNGKey(0))
+    assert bad_arch.status == "failed" and "EncodingError" in bad_arch.message
+
+
+def test_config_mistakes_raise(synthetic):
+    with pytest.raises(ValueError, match="config.optimizer = 'rmsprop'"):
+        train.train_candidate(None, _config(optimizer="rmsprop"), synthetic,
+                              jax.random.PRNGKey(0), model=TinyCNN())
+    with pytest.raises(ValueError, match="milestones must be increasing"):
+        train.check_config(_config(milestones=(5, 2)))
+    failed = train.train_candidate(None, _config(batch_size=4096), synthetic,
+                                   jax.random.PRNGKey(0), model=TinyCNN())
+    assert failed.status == "failed" and "exceeds the 512 training examples" in failed.message
+
+
+def test_checkpoint_resume_matches_uninterrupted_run(synthetic, tmp_path):
+    config = _config(epochs=4, milestones=(3,), checkpoint_dir=str(tmp_path / "ckpt"),
+                     checkpoint_every_epochs=1, checkpoints_to_keep=4)
+    full = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(0), model=TinyCNN())
+    assert full.status == "ok" and sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2", "3", "4"]
+    # Killed after epoch 2: only the checkpoints up to 2 exist. The rerun resumes there.
+    for epoch in ("3", "4"):
+        _rmtree(tmp_path / "ckpt" / epoch)
+    resumed = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(0),
+                                    model=TinyCNN())
+    assert resumed.status == "ok" and resumed.resumed_from_epoch == 2
+    assert "resumed from the checkpoint at epoch 2" in resumed.message
+    assert _max_abs_diff(full.variables, resumed.variables) == 0.0
+    assert resumed.loss_curve == full.loss_curve  # history restored with the state
+    assert resumed.test_accuracy == full.test_accuracy
+    # A corrupt latest checkpoint is reported and the previous one used.
+    for path in (tmp_path / "ckpt" / "4").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    recovered = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(0),
+                                      model=TinyCNN())
+    assert recovered.status == "ok" and recovered.resumed_from_epoch == 3
+    assert "checkpoint at epoch 4 is unreadable" in recovered.message
+    assert _max_abs_diff(full.variables, recovered.variables) == 0.0
+
+
+def _rmtree(path: pathlib.Path) -> None:
+    for child in sorted(path.rglob("*"), reverse=True):
+        child.unlink() if child.is_file() or child.is_symlink() else child.rmdir()
+    path.rmdir()
+
+
+MULTI_DEVICE_SCRIPT = TINY_MODEL_SOURCE + '''
+import json, jax, numpy as np
+from memnas_jax import data as data_lib, train
+assert jax.device_count() == 4, jax.devices()
+data = data_lib.synthetic_dataset(num_train=256, num_validation=64, num_test=0)
+out = {}
+for n in (1, 4):
+    config = train.default_config()
+    config.update(dict(epochs=2, batch_size=32, eval_batch_size=32, learning_rate=0.05,
+                       milestones=(1,), num_devices=n))
+    config.augment.cutout = 8
+    out[n] = train.train_candidate(None, config, data, jax.random.PRNGKey(0), model=TinyCNN())
+    assert out[n].status == "ok", out[n].message
+diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), out[1].variables, out[4].variables)
+print(json.dumps(dict(max_diff=max(jax.tree.leaves(diff)),
+                      scale=max(float(np.max(np.abs(x))) for x in jax.tree.leaves(out[1].variables)),
+                      loss=[out[1].loss_curve, out[4].loss_curve],
+                      val=[out[1].val_accuracy_curve, out[4].val_accuracy_curve])))
+'''
+
+
+def test_one_and_four_devices_give_the_same_training():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Global-batch BatchNorm and gradients: only float reduction order differs.
+    assert result["max_diff"] < 1e-4 * max(1.0, result["scale"]), result
+    np.testing.assert_allclose(*result["loss"], rtol=1e-5)
+    assert result["val"][0] == result["val"][1]
+
+
+def test_step_schedule_matches_pytorch_multisteplr():
+    config = _config(learning_rate=0.01, milestones=(60, 180, 240), gamma=0.1, epochs=300)
+    schedule = train.make_schedule(config, steps_per_epoch=391)
+    for epoch, lr in ((0, 0.01), (59, 0.01), (60, 0.001), (179, 0.001), (180, 1e-4),
+                      (240, 1e-5), (299, 1e-5)):
+        np.testing.assert_allclose(schedule(epoch * 391), lr, rtol=1e-5)
+        np.testing.assert_allclose(schedule(epoch * 391 + 390), lr, rtol=1e-5)
+
+
+def test_cosine_schedule_with_warmup():
+    config = _config(schedule="cosine", learning_rate=0.1, epochs=10, warmup_epochs=2)
+    schedule = train.make_schedule(config, steps_per_epoch=10)
+    np.testing.assert_allclose([schedule(0), schedule(10), schedule(20), schedule(60),
+                                schedule(100)], [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-6)
+
+
+def test_skeleton_from_config_follows_the_data(synthetic):
+    config = _config()
+    config.skeleton.update(dict(width=16, width_schedule="1,1,2,2,4"))
+    skeleton = train.skeleton_from_config(config, data_lib.synthetic_dataset(
+        8, 0, 0, image_shape=(16, 16, 1), num_classes=5))
+    assert skeleton.widths == (16, 16, 32, 32, 64)
+    assert (skeleton.image_size, skeleton.in_channels, skeleton.num_classes) == (16, 1, 5)
+    assert train.resolve_depthwise_impl("auto") == (
+        "shifted" if jax.default_backend() == "cpu" else "xla")
+
+
+@pytest.mark.slow
+def test_small_candidate_reaches_50_percent_on_real_cifar10(data_dir, monkeypatch):
+    if not (data_dir / "cifar10" / "train.npz").exists():
+        pytest.skip(f"no CIFAR-10 .npz in {data_dir}/cifar10")
+    monkeypatch.setenv(data_lib.DATA_DIR_ENV, str(data_dir))
+    config = _config(epochs=4, batch_size=128, eval_batch_size=500, learning_rate=0.05,
+                     schedule="cosine", momentum=0.9, nesterov=True, num_devices=0)
+    config.data.update(dict(validation_size=1000, train_subset=10000, test_subset=2000))
+    config.skeleton.width = 16
+    dataset = data_lib.load_dataset(config.data)
+    result = train.train_candidate(NET53, config, dataset, jax.random.PRNGKey(0))
+    assert result.status == "ok", result.message
+    print(result)
+    assert result.test_accuracy >= 0.5, result
