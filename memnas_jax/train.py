@@ -209,6 +209,8 @@ class TrainResult:
     wall_seconds: float
     compile_seconds: float
     images_per_second: float  # training throughput, compile and evaluation excluded
+    epoch_seconds: tuple[float, ...] = ()  # training time of each epoch run here (no compile)
+    train_flops_per_image: float | None = None  # XLA's cost_analysis of the train step
     variables: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False,
                                                              repr=False)  # host numpy
 
@@ -561,7 +563,7 @@ def _train(arch, config, data, rng, skeleton, model, start) -> TrainResult:
     evaluator = _Evaluator(steps, data, config, mesh)
 
     # Epochs.
-    train_seconds, images_seen = 0.0, 0
+    train_seconds, images_seen, epoch_seconds = 0.0, 0, []
     status, message = "ok", ""
     for epoch in range(resumed_from, config.epochs):
         epoch_start = time.perf_counter()
@@ -573,8 +575,9 @@ def _train(arch, config, data, rng, skeleton, model, start) -> TrainResult:
                 if not np.isfinite(float(jax.device_get(metrics["loss_sum"]))):
                     break
         loss_sum, done_steps = jax.device_get((metrics["loss_sum"], metrics["steps"]))
-        train_seconds += (time.perf_counter() - epoch_start
-                          - (train_step.compile_seconds - compile_before))
+        epoch_seconds.append(time.perf_counter() - epoch_start
+                             - (train_step.compile_seconds - compile_before))
+        train_seconds += epoch_seconds[-1]
         images_seen += int(done_steps) * config.batch_size
         mean_loss = float(loss_sum) / max(int(done_steps), 1)
         if not math.isfinite(mean_loss):
@@ -618,7 +621,19 @@ def _train(arch, config, data, rng, skeleton, model, start) -> TrainResult:
         wall_seconds=time.perf_counter() - start,
         compile_seconds=train_step.compile_seconds + evaluator.compile_seconds,
         images_per_second=images_seen / train_seconds if train_seconds > 0 else 0.0,
+        epoch_seconds=tuple(epoch_seconds),
+        train_flops_per_image=_flops_per_image(train_step.compiled, mesh, config.batch_size),
         variables=jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
+
+
+def _flops_per_image(compiled, mesh, batch_size: int) -> float | None:
+    """XLA's FLOP count of one train step per image (cost_analysis is per device)."""
+    try:
+        analysis = compiled.cost_analysis()
+        flops = (analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"]
+    except Exception:  # pylint: disable=broad-except  # not compiled, or no analysis here
+        return None
+    return float(flops) * sharding.mesh_size(mesh) / batch_size
 
 
 class _Evaluator:

@@ -1,0 +1,79 @@
+"""Device meshes and data-parallel shardings (memnas_jax.sharding)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from memnas_jax import sharding
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_mesh_over_all_or_some_devices():
+    mesh = sharding.make_data_mesh()
+    assert mesh.axis_names == (sharding.DATA_AXIS,)
+    assert sharding.mesh_size(mesh) == jax.device_count()
+    assert sharding.mesh_size(sharding.make_data_mesh(1)) == 1
+    with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
+        sharding.make_data_mesh(jax.device_count() + 1)
+
+
+def test_batch_size_must_divide():
+    mesh = sharding.make_data_mesh(1)
+    sharding.check_batch_size(7, mesh)
+    with pytest.raises(ValueError, match="eval batch size 0 must be a positive multiple"):
+        sharding.check_batch_size(0, mesh, "eval batch size")
+
+
+def test_host_device_flag(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--foo=1 --xla_force_host_platform_device_count=3")
+    assert sharding.host_device_count_flag() == 3
+    assert not sharding.set_host_device_count(2)  # a count is already set: left alone
+    monkeypatch.setenv("XLA_FLAGS", "")
+    jax.devices()  # the backend is up: too late to change the count
+    assert not sharding.set_host_device_count(2)
+    assert os.environ["XLA_FLAGS"] == ""
+    with pytest.raises(ValueError, match=">= 1"):
+        sharding.set_host_device_count(0)
+
+
+FOUR_DEVICE_SCRIPT = '''
+import json, os
+from memnas_jax import sharding
+assert sharding.set_host_device_count(4)  # before the backend starts
+import jax, jax.numpy as jnp, numpy as np
+mesh = sharding.make_data_mesh()
+batch = sharding.shard_batch(np.arange(8 * 3).reshape(8, 3), mesh)
+params = sharding.replicate({"w": np.ones(5)}, mesh)
+shards = sorted((s.index[0].start or 0, s.data.shape[0]) for s in batch.addressable_shards)
+total = jax.jit(lambda b, p: jnp.sum(b) + jnp.sum(p["w"]))(batch, params)
+try:
+    sharding.check_batch_size(6, mesh)
+    error = ""
+except ValueError as e:
+    error = str(e)
+print(json.dumps(dict(devices=jax.device_count(), shards=shards, total=float(total),
+                      replicas=len(params["w"].addressable_shards), error=error,
+                      flag=sharding.host_device_count_flag())))
+'''
+
+
+def test_four_host_devices_split_the_batch():
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get(
+        "PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", FOUR_DEVICE_SCRIPT], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4 and out["flag"] == 4
+    assert out["shards"] == [[0, 2], [2, 2], [4, 2], [6, 2]]  # 2 rows per device
+    assert out["replicas"] == 4
+    assert out["total"] == float(np.arange(24).sum() + 5)
+    assert "batch size 6 must be a positive multiple of the 4 devices" in out["error"]
