@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -66,10 +66,6 @@ class OpSettings:
         return cls(conv_bias=skeleton.conv_bias, bn_momentum=skeleton.bn_momentum,
                    bn_epsilon=skeleton.bn_epsilon, removed_op=skeleton.removed_op,
                    depthwise_impl=depthwise_impl, dtype=dtype)
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if np.isscalar(v) else (int(v[0]), int(v[1]))
 
 
 def same_padding(kernel: tuple[int, int], dilation: int = 1) -> tuple[tuple[int, int], ...]:
