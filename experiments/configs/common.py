@@ -1,0 +1,34 @@
+"""Settings shared by the experiment presets (cifar10.py, imagenet.py load this file)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def small_controller(config: ml_collections.ConfigDict, max_steps: int) -> None:
+    """A controller sized for a few dozen trained candidates: small LSTMs, short fits."""
+    config.controller.update(dict(
+        embed_dim=16, encoder_hidden=32, ranker_hidden=32, max_steps=max_steps,
+        eval_every=max(max_steps // 4, 1), patience=2, set_size=8, sets_per_batch=4,
+        predict_batch=512))
+
+
+def test_preset(config: ml_collections.ConfigDict, image_size: int, num_classes: int) -> None:
+    """Seconds per candidate, for the tests: tiny synthetic images, width 4, two epochs of four
+    steps, three cheap ops, rounds 0 and 1 sampled to 2 candidates, round 2 ranked by the
+    controller (top 2), then the round cap."""
+    config.data.name = "synthetic"
+    config.data.synthetic.update(dict(num_train=128, num_validation=64, num_test=0,
+                                      image_size=image_size, channels=3,
+                                      num_classes=num_classes, seed=0))
+    config.skeleton.width = 4
+    config.train.update(dict(epochs=2, batch_size=32, eval_batch_size=64, learning_rate=0.05,
+                             milestones=(), depthwise_impl="xla"))
+    config.grow_trim.update(dict(round0_combine_modes=("add",), ops=(0, 1, 6)))
+    # Three rounds whatever the (noisy) accuracies: a round without improvement still advances.
+    config.search.update(dict(max_rounds=3, max_cells=3, full_train_rounds=2, full_train_cap=2,
+                              top_k=2, stop_when_no_improvement=False))
+    config.controller.update(dict(
+        embed_dim=8, encoder_hidden=16, ranker_hidden=16, max_steps=40, eval_every=20,
+        patience=1, set_size=4, sets_per_batch=2, holdout_fraction=0.0, predict_batch=64))
+    config.output.update(dict(plots=True, tensorboard=True))

@@ -1,0 +1,45 @@
+"""Final training of a searched architecture: the authors' recipe (memnas_method.md 6.2).
+
+    python experiments/train_final.py --config=experiments/configs/train_final.py:paper \
+        --arch=arch.json --workdir=/tmp/final
+
+Presets: "paper" (300 epochs, SGD lr 0.01 momentum 0.9, steps at 60/180/240 x0.1, batch 128,
+crop + flip + Cutout 16, w = 32, the whole training set, test accuracy at the end) and "smoke"
+(the same code on a few thousand images for two epochs at w = 8, a couple of minutes on a CPU).
+Override any field: --config.epochs=600 --config.skeleton.width=64.
+"""
+
+from memnas_jax import train
+
+PRESETS = ("paper", "smoke")
+
+
+def get_config(preset: str = "paper"):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}")
+    config = train.default_config()
+    config.epochs = 300
+    config.batch_size = 128
+    config.eval_batch_size = 500
+    config.optimizer = "sgd"
+    config.learning_rate = 0.01
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 0.0  # the authors' --weight-decay was parsed but never passed to SGD
+    config.schedule = "step"
+    config.milestones = (60, 180, 240)
+    config.gamma = 0.1
+    config.augment.update(dict(crop_padding=4, flip=True, cutout=16))
+    config.skeleton.width = 32
+    config.data.validation_size = 0  # final training uses all 50,000 training images
+    config.checkpoint_every_epochs = 10
+    config.eval_every_epochs = 10
+    if preset == "smoke":
+        config.epochs = 2
+        config.milestones = (1,)
+        config.skeleton.width = 8
+        config.data.train_subset = 2000
+        config.data.test_subset = 1000
+        config.checkpoint_every_epochs = 1
+        config.eval_every_epochs = 1
+    return config

@@ -1,0 +1,89 @@
+"""Trains one architecture with the final recipe and reports its accuracy and memory.
+
+    python experiments/train_final.py --arch=arch.json --workdir=/tmp/final \
+        [--config=experiments/configs/train_final.py:smoke] [--config.epochs=10]
+
+--arch is an `Architecture.to_json()` file. Checkpoints go to <workdir>/checkpoints (rerunning
+the same command resumes), the result to <workdir>/result.json. On a CPU host the run uses
+`--host_devices` XLA devices (default: one per core, up to 8) with the batch split over them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from memnas_jax import sharding  # noqa: E402  (imports jax, starts no backend)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(pathlib.Path(__file__).parent / "configs" / "train_final.py"),
+    "Training config file, optionally with :preset.")
+_ARCH = flags.DEFINE_string("arch", None, "Path to an architecture JSON (Architecture.to_json).",
+                            required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and result.json.",
+                               required=True)
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed of the initialisation and the data order.")
+_HOST_DEVICES = flags.DEFINE_integer(
+    "host_devices", 0, "CPU only: XLA host devices to split the batch over (0 = one per core, "
+    "at most 8). Ignored when XLA_FLAGS already sets a count.")
+
+
+def _format_bytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB ({n:,} B)"
+
+
+def main(argv):
+    del argv
+    sharding.set_host_device_count(_HOST_DEVICES.value or min(os.cpu_count() or 1, 8))
+    import jax  # pylint: disable=import-outside-toplevel
+    from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    from memnas_jax import train  # pylint: disable=import-outside-toplevel
+    from memnas_jax.encoding import Architecture  # pylint: disable=import-outside-toplevel
+
+    sharding.initialize_distributed()
+    config = _CONFIG.value
+    workdir = pathlib.Path(_WORKDIR.value)
+    workdir.mkdir(parents=True, exist_ok=True)
+    arch = Architecture.from_json(pathlib.Path(_ARCH.value).read_text())
+    if not config.checkpoint_dir:
+        config.checkpoint_dir = str(workdir / "checkpoints")
+
+    dataset = data_lib.load_dataset(config.data)
+    skeleton = train.skeleton_from_config(config, dataset)
+    logging.info("data: %s", dataset.describe())
+    logging.info("architecture:\n%s", arch)
+    logging.info("devices: %s", jax.devices())
+    result = train.train_candidate(arch, config, dataset, jax.random.PRNGKey(_SEED.value),
+                                   skeleton=skeleton)
+
+    report = {"config": config.to_dict(), "architecture": json.loads(arch.to_json()),
+              "skeleton": skeleton.to_dict(), "result": result.to_dict()}
+    lines = [f"status: {result.status}" + (f" ({result.message})" if result.message else ""),
+             f"test accuracy: {result.test_accuracy}",
+             f"parameters: {result.param_count:,}",
+             f"epochs: {result.epochs_done}, {result.images_per_second:.0f} images/s, "
+             f"compile {result.compile_seconds:.1f} s, wall {result.wall_seconds:.1f} s"]
+    try:
+        from memnas_jax.memory import memory_report  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        memory_report = None
+    if memory_report is not None:
+        memory = memory_report(arch, skeleton)
+        report["memory"] = memory.to_dict()
+        lines += [f"parameter memory: {_format_bytes(memory.param_bytes)}",
+                  f"working memory: {_format_bytes(memory.working_bytes)}",
+                  f"total memory: {_format_bytes(memory.total_bytes)}"]
+    (workdir / "result.json").write_text(json.dumps(report, indent=2, default=str))
+    print("\n".join(lines))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    app.run(main)

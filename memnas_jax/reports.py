@@ -1,0 +1,415 @@
+"""What a search leaves in its work directory, rebuilt from the search state (`memnas_jax.search`).
+
+Every output is a pure function of the state dict, rewritten whole and atomically (temp file +
+`os.replace`), so a resumed search never duplicates a line and a killed one never leaves half a
+file:
+
+* `candidates.jsonl`: one line per trained candidate of each round (`candidate_records`);
+* `best.json`: the search's current answer, the last round winner (`best_record`);
+* `leaderboard.md`: rounds, top candidates, Pareto front, in markdown (`leaderboard_markdown`);
+* `pareto.png`: accuracy vs total memory of every trained candidate, round winners marked and the
+  Pareto front drawn; `trajectory.png`: the winner's accuracy and memory per round, as the paper's
+  figures (matplotlib, Agg backend);
+* `tensorboard/`: the same numbers as TensorBoard scalars (tensorboardX; rewritten whole).
+
+Memory figures are bytes in the records and decimal megabytes (1e6 bytes, as the paper's tables)
+in the tables and plots. Accuracies are fractions in the records and percent in tables and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterable, Sequence
+
+from absl import logging
+
+CANDIDATES_FILE = "candidates.jsonl"
+BEST_FILE = "best.json"
+LEADERBOARD_FILE = "leaderboard.md"
+PARETO_FILE = "pareto.png"
+TRAJECTORY_FILE = "trajectory.png"
+TENSORBOARD_DIR = "tensorboard"
+# Fields of a candidate record that measure time: they differ between two runs of the same search.
+TIMING_FIELDS = ("train_seconds", "compile_seconds", "images_per_second")
+MB = 1e6
+
+# The fields of a trained entry copied into its candidates.jsonl record, in order.
+_ENTRY_FIELDS = ("hash", "kind", "description", "cells_per_block", "param_count", "param_bytes",
+                 "working_bytes", "total_bytes", "status", "accuracy", "reward",
+                 "predicted_score", "reused_from_round", "final_val_accuracy", "test_accuracy",
+                 "best_val_epoch", "epochs_done", *TIMING_FIELDS, "message")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` through a temp file in the same folder and `os.replace`, so the
+    file is either the old one or the new one, never a mix."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=1, sort_keys=True, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def trained_entries(state: dict) -> Iterable[tuple[dict, dict]]:
+    """(round record, entry) of every entry that has a result, in training order."""
+    for rnd in state["rounds"]:
+        for entry in rnd["entries"]:
+            if entry["status"] != "pending":
+                yield rnd, entry
+
+
+def candidate_records(state: dict) -> list[dict]:
+    """One record per trained (round, candidate): the entry's fields plus its round, position in
+    the round's training order, the round's base hash and whether it won the round."""
+    records = []
+    for rnd, entry in trained_entries(state):
+        record = {"round": rnd["round"], "index": rnd["entries"].index(entry),
+                  "mode": rnd["mode"],
+                  "base_hash": rnd["base"]["hash"] if rnd["base"] else None}
+        record.update({k: entry.get(k) for k in _ENTRY_FIELDS})
+        record["winner"] = rnd.get("winner") == entry["hash"]
+        record["architecture"] = entry["architecture"]
+        records.append(record)
+    return records
+
+
+def winners(state: dict) -> list[dict]:
+    """The winning entry of every round that has one, with its round, in round order."""
+    out = []
+    for rnd in state["rounds"]:
+        if rnd.get("winner"):
+            entry = next(e for e in rnd["entries"] if e["hash"] == rnd["winner"])
+            out.append(dict(entry, round=rnd["round"]))
+    return out
+
+
+def best_record(state: dict) -> dict:
+    """The search's answer: the last round winner (the base the next round would grow from)."""
+    won = winners(state)
+    record = {"status": state["status"], "stop_reason": state.get("stop_reason"),
+              "rounds_done": sum(r["phase"] == "done" for r in state["rounds"]),
+              "num_trained": state.get("num_trained", 0), "config_hash": state["config_hash"],
+              "best": None}
+    if won:
+        w = won[-1]
+        record["best"] = {k: w.get(k) for k in (
+            "round", "hash", "kind", "description", "cells_per_block", "accuracy", "reward",
+            "param_count", "param_bytes", "working_bytes", "total_bytes", "test_accuracy")}
+        record["best"]["architecture"] = w["architecture"]
+        record["best"]["total_mb"] = w["total_bytes"] / MB
+    return record
+
+
+def pareto_front(accuracy: Sequence[float], memory: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats (higher accuracy at no more memory, or less
+    memory at no lower accuracy), by increasing memory. Equal points: the first is kept."""
+    order = sorted(range(len(accuracy)), key=lambda i: (memory[i], -accuracy[i], i))
+    front, best = [], -math.inf
+    for i in order:
+        if accuracy[i] > best:
+            front.append(i)
+            best = accuracy[i]
+    return front
+
+
+def _ok(records: Iterable[dict]) -> list[dict]:
+    return [r for r in records if r["status"] == "ok" and r["accuracy"] is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _mb(x: float | None) -> str:
+    return "-" if x is None else f"{x / MB:.3f}"
+
+
+def _num(x: float | None, fmt: str = "+.4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def leaderboard_markdown(state: dict, rows: int = 20) -> str:
+    settings = state.get("summary", {})
+    lines = ["# MemNAS search leaderboard", ""]
+    status = state["status"]
+    if status == "finished":
+        lines.append(f"Finished: {state.get('stop_reason')}.")
+    else:
+        rnd = state["rounds"][-1] if state["rounds"] else None
+        done = sum(e["status"] != "pending" for e in rnd["entries"]) if rnd else 0
+        lines.append(f"Running: round {rnd['round']}, {done}/{len(rnd['entries'])} candidates "
+                     "trained." if rnd else "Running: starting.")
+    if settings:
+        lines += ["", "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + "."]
+    best = best_record(state)["best"]
+    lines += ["", "## Final architecture", ""]
+    if best is None:
+        lines.append("None yet.")
+    else:
+        from memnas_jax.encoding import from_json  # pylint: disable=import-outside-toplevel
+        lines += [f"Round {best['round']} winner `{best['hash'][:12]}` ({best['description']}): "
+                  f"accuracy {_pct(best['accuracy'])} %, total memory {_mb(best['total_bytes'])} "
+                  f"MB (parameters {_mb(best['param_bytes'])} MB, {best['param_count']:,} "
+                  f"values; working {_mb(best['working_bytes'])} MB).", "", "```",
+                  str(from_json(best["architecture"])), "```"]
+
+    lines += ["", "## Rounds", ""]
+    round_rows = []
+    for rnd in state["rounds"]:
+        entries = rnd["entries"]
+        w = next((e for e in entries if e["hash"] == rnd.get("winner")), None)
+        failed = sum(e["status"] in ("failed", "diverged") for e in entries)
+        trained = sum(e["status"] != "pending" for e in entries)
+        round_rows.append([
+            rnd["round"], rnd["mode"], rnd["num_generated"], rnd["num_over_budget"],
+            f"{trained}/{len(entries)}", failed,
+            f"`{w['hash'][:10]}` {w['description']}" if w else "-",
+            _pct(w["accuracy"]) if w else "-", _mb(w["param_bytes"]) if w else "-",
+            _mb(w["working_bytes"]) if w else "-", _mb(w["total_bytes"]) if w else "-",
+            _num(w["reward"]) if w else "-", _num(rnd.get("controller_tau"), "+.3f")])
+    lines += _table(["round", "mode", "generated", "over budget", "trained", "failed/diverged",
+                     "winner", "acc %", "params MB", "working MB", "total MB", "reward",
+                     "controller tau"], round_rows)
+
+    records = _ok(candidate_records(state))
+    top = sorted(records, key=lambda r: (-r["accuracy"], r["total_bytes"], r["round"]))[:rows]
+    lines += ["", f"## Top {len(top)} candidates by accuracy", ""]
+    lines += _table(["rank", "round", "hash", "kind", "change", "acc %", "total MB", "reward"],
+                    [[i + 1, r["round"], f"`{r['hash'][:10]}`", r["kind"], r["description"],
+                      _pct(r["accuracy"]), _mb(r["total_bytes"]), _num(r["reward"])]
+                     for i, r in enumerate(top)])
+    unique = _unique_by_hash(records)
+    front = [unique[i] for i in pareto_front([r["accuracy"] for r in unique],
+                                             [r["total_bytes"] for r in unique])]
+    lines += ["", "## Pareto front (accuracy vs total memory)", ""]
+    lines += _table(["round", "hash", "acc %", "params MB", "working MB", "total MB"],
+                    [[r["round"], f"`{r['hash'][:10]}`", _pct(r["accuracy"]),
+                      _mb(r["param_bytes"]), _mb(r["working_bytes"]), _mb(r["total_bytes"])]
+                     for r in front])
+    return "\n".join(lines) + "\n"
+
+
+def _unique_by_hash(records: Sequence[dict]) -> list[dict]:
+    """The first record of each architecture (a reused candidate appears in several rounds)."""
+    seen, out = set(), []
+    for r in records:
+        if r["hash"] not in seen:
+            seen.add(r["hash"])
+            out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    return plt
+
+
+def _save_figure(fig, path: pathlib.Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plot_pareto(state: dict, path: str | os.PathLike, title: str = "") -> None:
+    """Accuracy vs total memory of every trained candidate, coloured by round; each round's
+    winner a star labelled with its round; the Pareto front a step line."""
+    plt = _pyplot()
+    records = _unique_by_hash(_ok(candidate_records(state)))
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    if records:
+        mem = [r["total_bytes"] / MB for r in records]
+        acc = [100 * r["accuracy"] for r in records]
+        num_rounds = max(r["round"] for r in records) + 1
+        points = ax.scatter(mem, acc, c=[r["round"] for r in records], s=14, alpha=0.7,
+                            cmap=plt.get_cmap("viridis", num_rounds), vmin=-0.5,
+                            vmax=num_rounds - 0.5, label="trained candidates")
+        fig.colorbar(points, ax=ax, label="round", ticks=range(num_rounds))
+        front = pareto_front(acc, mem)
+        ax.step([mem[i] for i in front], [acc[i] for i in front], where="post", color="tab:red",
+                lw=1.2, marker="o", ms=13, mfc="none", zorder=3, label="Pareto front")
+        won = winners(state)
+        ax.plot([w["total_bytes"] / MB for w in won], [100 * w["accuracy"] for w in won], "-*",
+                color="black", ms=11, mfc="gold", lw=0.7, label="round winners")
+        for w in won:
+            ax.annotate(str(w["round"]), (w["total_bytes"] / MB, 100 * w["accuracy"]),
+                        textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no trained candidate yet", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("total memory (parameters + working), MB")
+    ax.set_ylabel("validation accuracy, %")
+    ax.set_title(title or "MemNAS candidates: accuracy vs memory")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, pathlib.Path(path))
+    plt.close(fig)
+
+
+def plot_trajectory(state: dict, path: str | os.PathLike, title: str = "") -> None:
+    """Per round: the winner's accuracy (and the best accuracy trained in the round), and the
+    winner's parameter, working and total memory (the paper's acc / imc / npc figures)."""
+    plt = _pyplot()
+    won = winners(state)
+    fig, (ax_acc, ax_mem) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    if won:
+        rounds = [w["round"] for w in won]
+        ax_acc.plot(rounds, [100 * w["accuracy"] for w in won], "o-", label="round winner")
+        best = {}
+        for r in _ok(candidate_records(state)):
+            best[r["round"]] = max(best.get(r["round"], 0.0), 100 * r["accuracy"])
+        ax_acc.plot(sorted(best), [best[r] for r in sorted(best)], "x--", color="gray",
+                    label="best trained in round")
+        ax_acc.legend(fontsize=8)
+        for key, label in (("param_bytes", "parameters"), ("working_bytes", "working"),
+                           ("total_bytes", "total")):
+            ax_mem.plot(rounds, [w[key] / MB for w in won], "o-", label=label)
+        ax_mem.legend(fontsize=8)
+        ax_mem.set_xticks(rounds)
+    ax_acc.set_ylabel("validation accuracy, %")
+    ax_acc.set_title(title or "MemNAS search trajectory")
+    ax_mem.set_ylabel("memory of the winner, MB")
+    ax_mem.set_xlabel("round")
+    for ax in (ax_acc, ax_mem):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, pathlib.Path(path))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+def tensorboard_scalars(state: dict) -> list[tuple[str, float, int]]:
+    """(tag, value, step) of every scalar: per trained candidate (step = its position in the
+    whole search's training order) and per round (step = round)."""
+    scalars = []
+    for step, record in enumerate(candidate_records(state)):
+        if record["status"] == "ok":
+            scalars += [("candidate/accuracy", record["accuracy"], step),
+                        ("candidate/total_memory_mb", record["total_bytes"] / MB, step)]
+            if record["reward"] is not None:
+                scalars.append(("candidate/reward", record["reward"], step))
+        scalars.append(("candidate/failed", float(record["status"] != "ok"), step))
+    for w in winners(state):
+        r = w["round"]
+        scalars += [("round/winner_accuracy", w["accuracy"], r),
+                    ("round/winner_param_mb", w["param_bytes"] / MB, r),
+                    ("round/winner_working_mb", w["working_bytes"] / MB, r),
+                    ("round/winner_total_mb", w["total_bytes"] / MB, r)]
+        if w["reward"] is not None:
+            scalars.append(("round/winner_reward", w["reward"], r))
+    for rnd in state["rounds"]:
+        trained = sum(e["status"] != "pending" for e in rnd["entries"])
+        scalars.append(("round/num_trained", float(trained), rnd["round"]))
+        for key in ("controller_tau", "controller_holdout_tau"):
+            value = rnd.get(key)
+            if value is not None and math.isfinite(value):
+                scalars.append((f"round/{key}", value, rnd["round"]))
+    return scalars
+
+
+def write_tensorboard(state: dict, logdir: str | os.PathLike) -> bool:
+    """Rewrites `logdir` with `tensorboard_scalars(state)`; False (and a warning) when
+    tensorboardX is not installed."""
+    try:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        logging.warning("tensorboardX is not installed: no TensorBoard logs "
+                        "(pip install tensorboardX)")
+        return False
+    logdir = pathlib.Path(logdir)
+    if logdir.exists():
+        shutil.rmtree(logdir)
+    writer = SummaryWriter(str(logdir))
+    try:
+        for tag, value, step in tensorboard_scalars(state):
+            writer.add_scalar(tag, value, step)
+    finally:
+        writer.close()
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything
+
+
+def write_tables(state: dict, workdir: str | os.PathLike, leaderboard_rows: int = 20) -> None:
+    """candidates.jsonl, best.json and leaderboard.md (cheap: after every trained candidate)."""
+    workdir = pathlib.Path(workdir)
+    lines = [json.dumps(r, sort_keys=True, allow_nan=False) for r in candidate_records(state)]
+    write_text_atomic(workdir / CANDIDATES_FILE, "".join(line + "\n" for line in lines))
+    write_text_atomic(workdir / BEST_FILE, _json(best_record(state)) + "\n")
+    write_text_atomic(workdir / LEADERBOARD_FILE, leaderboard_markdown(state, leaderboard_rows))
+
+
+def write_all(state: dict, workdir: str | os.PathLike, *, plots: bool = True,
+              tensorboard: bool = True, leaderboard_rows: int = 20) -> None:
+    """The tables, and the plots and TensorBoard logs when asked (at round ends)."""
+    workdir = pathlib.Path(workdir)
+    write_tables(state, workdir, leaderboard_rows)
+    if plots:
+        plot_pareto(state, workdir / PARETO_FILE)
+        plot_trajectory(state, workdir / TRAJECTORY_FILE)
+    if tensorboard:
+        write_tensorboard(state, workdir / TENSORBOARD_DIR)
+
+
+def read_candidates(workdir: str | os.PathLike) -> list[dict]:
+    """The records of a work directory's candidates.jsonl."""
+    text = (pathlib.Path(workdir) / CANDIDATES_FILE).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+__all__ = [
+    "BEST_FILE", "CANDIDATES_FILE", "LEADERBOARD_FILE", "PARETO_FILE", "TENSORBOARD_DIR",
+    "TIMING_FIELDS", "TRAJECTORY_FILE", "best_record", "candidate_records",
+    "leaderboard_markdown", "pareto_front", "plot_pareto", "plot_trajectory", "read_candidates",
+    "tensorboard_scalars", "trained_entries", "winners", "write_all", "write_tables",
+    "write_tensorboard", "write_text_atomic",
+]

@@ -1,0 +1,348 @@
+"""The search loop: selection, stopping, budget, failures, config binding and exact resume.
+
+Most tests use a scripted trainer (an accuracy that is a fixed function of the architecture and
+its training key, no network trained) so that whole multi-round searches run in seconds and the
+loop's decisions can be checked exactly. tests/test_experiments.py runs real searches (real
+training, a controller-ranked round, SIGKILL and resume).
+"""
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from memnas_jax import reports, search
+from memnas_jax.encoding import from_json
+from memnas_jax.grow_trim import generate_candidates, initial_candidates
+from memnas_jax.memory import memory_report
+from memnas_jax.reward import RewardConfig, memory_efficient_reward
+from memnas_jax.train import TrainResult
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _preset(path: str, preset: str):
+    spec = importlib.util.spec_from_file_location("config_under_test", REPO_ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def _config(**search_overrides):
+    """The CIFAR-10 test preset with every round fully trained (no controller: its fits take
+    tens of seconds to compile; tests/test_experiments.py covers controller rounds)."""
+    config = _preset("experiments/configs/cifar10.py", "test")
+    config.search.update(dict(max_rounds=3, full_train_rounds=3, full_train_cap=4,
+                              stop_when_no_improvement=True))
+    config.search.update(search_overrides)
+    config.output.update(dict(progress_bar=False, plots=False, tensorboard=False))
+    return config
+
+
+# Per-op accuracy bonus of the scripted trainer: conv_3x3 (6) helps most, max pool (1) a bit.
+_OP_BONUS = {0: 0.01, 1: 0.02, 6: 0.05, None: 0.0}
+
+
+class Interrupted(Exception):
+    """Stands for a kill: raised by the scripted trainer after a number of trainings."""
+
+
+@dataclasses.dataclass
+class ScriptedTrainer:
+    """Accuracy = 0.5 + op bonuses of block 1's cells + 0.05 x uniform(key): a pure function of
+    the architecture and the key the search derives for it. `outcomes` maps a hash to
+    "failed" / "diverged"; `interrupt_after` raises Interrupted at that call."""
+
+    outcomes: dict = dataclasses.field(default_factory=dict)
+    interrupt_after: int | None = None
+    calls: list = dataclasses.field(default_factory=list)
+
+    def accuracy(self, arch, key) -> float:
+        bonus = sum(_OP_BONUS[c.op1] + _OP_BONUS[c.op2] for c in arch[0])
+        return 0.5 + bonus + 0.05 * float(jax.random.uniform(key))
+
+    def __call__(self, arch, skeleton, key) -> TrainResult:
+        if self.interrupt_after is not None and len(self.calls) == self.interrupt_after:
+            raise Interrupted()
+        self.calls.append(arch.canonical_hash())
+        status = self.outcomes.get(arch.canonical_hash(), "ok")
+        acc = self.accuracy(arch, key) if status == "ok" else None
+        return TrainResult(
+            status=status, message="" if status == "ok" else f"scripted {status}",
+            best_val_accuracy=acc, best_val_epoch=2 if acc else None, final_val_accuracy=acc,
+            test_accuracy=None, loss_curve=(1.0,), val_accuracy_curve=(acc,),
+            epochs_done=2 if acc else 0, resumed_from_epoch=0, param_count=0,
+            wall_seconds=0.01, compile_seconds=0.0, images_per_second=1.0)
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k not in reports.TIMING_FIELDS} for r in records]
+
+
+def _state(workdir):
+    return search.load_state(pathlib.Path(workdir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds
+
+
+def test_derive_seed_is_a_pure_function_of_its_parts():
+    assert search.derive_seed(0, "train", "abc") == search.derive_seed(0, "train", "abc")
+    assert search.derive_seed(0, "train", "abc") != search.derive_seed(1, "train", "abc")
+    import hashlib
+    expected = int.from_bytes(hashlib.sha256(b"7/controller/3").digest()[:4], "little")
+    assert search.derive_seed(7, "controller", 3) == expected & 0x7FFFFFFF
+
+
+def test_seeded_sample_ignores_candidate_order():
+    hashes = [c.arch_hash for c in initial_candidates()]
+    chosen = search.seeded_sample(hashes, 5, seed=3, round_index=1)
+    assert len(chosen) == 5 and chosen == sorted(chosen)
+    reversed_hashes = hashes[::-1]
+    chosen_rev = search.seeded_sample(reversed_hashes, 5, seed=3, round_index=1)
+    assert {hashes[i] for i in chosen} == {reversed_hashes[i] for i in chosen_rev}
+    assert search.seeded_sample(hashes, 5, seed=4, round_index=1) != chosen
+    assert search.seeded_sample(hashes, 100, seed=3, round_index=1) == list(range(49))
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection and stopping
+
+
+def test_rounds_select_by_reward_against_the_previous_winner(tmp_path):
+    config = _config(max_rounds=4)
+    trainer = ScriptedTrainer()
+    result = search.run_search(config, tmp_path, train_fn=trainer)
+    state = _state(tmp_path)
+    assert state["status"] == "finished" and result.finished
+    reward_config = RewardConfig(**config.reward)
+    base = None
+    for rnd in state["rounds"]:
+        entries = rnd["entries"]
+        # The plan: the seeded sample of the grow-trim pool of the previous winner.
+        options = search.grow_trim_options(config, rnd["round"])
+        pool = (initial_candidates(5, options) if base is None
+                else generate_candidates(from_json(base["architecture"]), options))
+        chosen = search.seeded_sample([c.arch_hash for c in pool], 4, config.seed, rnd["round"])
+        assert [e["hash"] for e in entries] == [pool[i].arch_hash for i in chosen]
+        assert rnd["num_generated"] == len(pool)
+        assert (rnd["base"] or {}).get("hash") == (base or {}).get("hash")
+        for e in entries:
+            arch = from_json(e["architecture"])
+            key = search.candidate_key(config.seed, e["hash"])
+            assert e["accuracy"] == trainer.accuracy(arch, key)
+        ref = rnd["reference"]
+        if base is None:  # round 0: median reference, winner = most accurate
+            assert ref["accuracy"] == float(np.median([e["accuracy"] for e in entries]))
+            winner = max(entries, key=lambda e: e["accuracy"])
+        else:
+            assert (ref["accuracy"], ref["param_bytes"], ref["working_bytes"]) == (
+                base["accuracy"], base["param_bytes"], base["working_bytes"])
+            winner = max(entries, key=lambda e: e["reward"])
+        for e in entries:
+            expected = memory_efficient_reward(
+                e["accuracy"], e["param_bytes"], e["working_bytes"],
+                base_accuracy=ref["accuracy"], base_param_memory=ref["param_bytes"],
+                base_working_memory=ref["working_bytes"], config=reward_config)
+            assert e["reward"] == pytest.approx(float(expected), rel=1e-12)
+        if base is not None and winner["reward"] <= 0:
+            assert rnd["winner"] is None
+            assert "improves on its base" in state["stop_reason"]
+            break
+        assert rnd["winner"] == winner["hash"]
+        base = winner
+    else:
+        assert state["stop_reason"] == "round cap reached (4 rounds)"
+    assert result.arch_hash == base["hash"]
+    assert result.accuracy == base["accuracy"]
+    assert len(trainer.calls) == result.num_trained == sum(
+        len(r["entries"]) for r in state["rounds"])
+    assert result.architecture.canonical_hash() == result.arch_hash
+
+
+def test_round0_median_reward_selection_and_memory_of_entries(tmp_path):
+    config = _config(max_rounds=1, round0_selection="median_reward", full_train_cap=6)
+    search.run_search(config, tmp_path, train_fn=ScriptedTrainer())
+    rnd = _state(tmp_path)["rounds"][0]
+    assert rnd["winner"] == max(rnd["entries"], key=lambda e: e["reward"])["hash"]
+    # Memory figures are memory_report's, on the skeleton sized to the data (16 px, 4 classes).
+    from memnas_jax.space import cifar_skeleton
+    skeleton = cifar_skeleton(4, num_classes=4).replace(image_size=16)
+    for e in rnd["entries"]:
+        report = memory_report(from_json(e["architecture"]), skeleton)
+        assert (e["param_bytes"], e["working_bytes"], e["total_bytes"]) == (
+            report.param_bytes, report.working_bytes, report.total_bytes)
+    assert rnd["reference"]["kind"] == "median of round 0"
+
+
+def test_cell_cap_stops_the_search(tmp_path):
+    config = _config(max_rounds=10, max_cells=2, stop_when_no_improvement=False)
+    result = search.run_search(config, tmp_path, train_fn=ScriptedTrainer())
+    state = _state(tmp_path)
+    assert state["stop_reason"] == "cell cap reached (2 cells per block)"
+    assert min(state["rounds"][-1]["entries"][0]["cells_per_block"]) <= 2
+    assert result.architecture.cells_per_block == (2,) * 5
+
+
+def test_memory_budget_drops_candidates_before_training(tmp_path):
+    config = _config(max_rounds=2, full_train_cap=0)
+    from memnas_jax.space import cifar_skeleton
+    skeleton = cifar_skeleton(4, num_classes=4).replace(image_size=16)
+    totals = sorted(memory_report(c.architecture, skeleton).total_bytes
+                    for c in initial_candidates(5, search.grow_trim_options(config, 0)))
+    config.memory.budget_mb = totals[4] / 1e6  # the 5 smallest of 9 fit (ties excluded)
+    trainer = ScriptedTrainer()
+    search.run_search(config, tmp_path, train_fn=trainer)
+    state = _state(tmp_path)
+    r0 = state["rounds"][0]
+    within = sum(t <= totals[4] for t in totals)
+    assert r0["num_generated"] == 9 and len(r0["entries"]) == within
+    assert r0["num_over_budget"] == 9 - within
+    trained = {e["hash"]: e for r in state["rounds"] for e in r["entries"]}
+    assert set(trainer.calls) <= set(trained)
+    assert all(e["total_bytes"] <= totals[4] for e in trained.values())
+
+    config.memory.budget_mb = totals[0] / 2e6  # nothing fits
+    search.run_search(config, tmp_path / "none", train_fn=trainer)
+    state = _state(tmp_path / "none")
+    assert state["stop_reason"] == "no candidate of round 0 is within the memory budget"
+    assert state["rounds"][0]["num_over_budget"] == 9
+
+
+def test_failed_and_diverged_candidates_are_recorded_and_the_search_goes_on(tmp_path):
+    config = _config()
+    hashes = [c.arch_hash for c in initial_candidates(5, search.grow_trim_options(config, 0))]
+    planned = [hashes[i] for i in search.seeded_sample(hashes, 4, config.seed, 0)]
+    outcomes = {planned[0]: "failed", planned[2]: "diverged"}
+    result = search.run_search(config, tmp_path, train_fn=ScriptedTrainer(outcomes))
+    state = _state(tmp_path)
+    r0 = state["rounds"][0]
+    assert [e["status"] for e in r0["entries"]] == ["failed", "ok", "diverged", "ok"]
+    for e in r0["entries"][::2]:
+        assert e["accuracy"] is None and e["reward"] is None
+        assert e["message"] == f"scripted {e['status']}"
+    assert r0["winner"] in planned[1::2]
+    assert len(state["rounds"]) >= 2 and result.finished
+    records = reports.read_candidates(tmp_path)
+    assert [r["status"] for r in records[:4]] == ["failed", "ok", "diverged", "ok"]
+    rows = [line for line in (tmp_path / reports.LEADERBOARD_FILE).read_text().splitlines()
+            if line.startswith("| 0 |")]
+    assert "| 4/4 | 2 |" in rows[0]  # trained 4 of 4, 2 failed or diverged
+
+
+def test_all_candidates_failing_stops_with_a_reason(tmp_path):
+    config = _config()
+    everything = {c.arch_hash: "failed"
+                  for c in initial_candidates(5, search.grow_trim_options(config, 0))}
+    result = search.run_search(config, tmp_path, train_fn=ScriptedTrainer(everything))
+    assert result.architecture is None
+    assert result.stop_reason == "no candidate of round 0 trained successfully"
+    assert json.loads((tmp_path / reports.BEST_FILE).read_text())["best"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+
+
+def test_interrupted_search_resumes_to_the_same_result(tmp_path):
+    config = _config(max_rounds=4, stop_when_no_improvement=False)
+    reference = search.run_search(config, tmp_path / "whole", train_fn=ScriptedTrainer())
+    total = reference.num_trained
+    workdir = tmp_path / "interrupted"
+    calls = []
+    for stop_at in (1, 4, 9):  # inside round 0, at the end of round 0, inside round 2
+        trainer = ScriptedTrainer(interrupt_after=stop_at - len(calls))
+        with pytest.raises(Interrupted):
+            search.run_search(config, workdir, train_fn=trainer)
+        calls += trainer.calls
+        state = _state(workdir)
+        assert sum(e["status"] != "pending" for r in state["rounds"]
+                   for e in r["entries"]) == stop_at
+        assert len(reports.read_candidates(workdir)) == stop_at
+    trainer = ScriptedTrainer()
+    resumed = search.run_search(config, workdir, train_fn=trainer)
+    calls += trainer.calls
+    assert len(calls) == total  # no candidate trained twice
+    assert resumed.arch_hash == reference.arch_hash and resumed.winners == reference.winners
+    assert (_without_timing(reports.read_candidates(workdir))
+            == _without_timing(reports.read_candidates(tmp_path / "whole")))
+    assert json.loads((workdir / reports.BEST_FILE).read_text()) == json.loads(
+        (tmp_path / "whole" / reports.BEST_FILE).read_text())
+    # A finished workdir only regenerates the outputs.
+    trainer = ScriptedTrainer()
+    again = search.run_search(config, workdir, train_fn=trainer)
+    assert trainer.calls == [] and again == resumed
+
+
+def test_corrupt_state_falls_back_to_the_previous_copy(tmp_path):
+    config = _config(max_rounds=2)
+    reference = search.run_search(config, tmp_path / "whole", train_fn=ScriptedTrainer())
+    workdir = tmp_path / "corrupt"
+    with pytest.raises(Interrupted):
+        search.run_search(config, workdir, train_fn=ScriptedTrainer(interrupt_after=3))
+    state_file = workdir / search.STATE_FILE
+    state_file.write_text(state_file.read_text()[:-100])  # a torn write
+    trainer = ScriptedTrainer()
+    resumed = search.run_search(config, workdir, train_fn=trainer)
+    assert len(trainer.calls) == reference.num_trained - 2  # state.prev.json had 2 trained
+    assert resumed.arch_hash == reference.arch_hash
+    assert (_without_timing(reports.read_candidates(workdir))
+            == _without_timing(reports.read_candidates(tmp_path / "whole")))
+
+    for name in (search.STATE_FILE, search.PREV_STATE_FILE):
+        (workdir / name).write_text("{not json")
+    with pytest.raises(search.StateError, match="cannot resume.*state.json is unreadable"):
+        search.run_search(config, workdir, train_fn=ScriptedTrainer())
+
+
+def test_a_workdir_refuses_another_config_unless_allowed(tmp_path):
+    config = _config(max_rounds=1)
+    search.run_search(config, tmp_path, train_fn=ScriptedTrainer())
+    changed = _config(max_rounds=1)
+    changed.reward.lam = 0.8
+    with pytest.raises(search.ConfigMismatchError,
+                       match=r"different config \(reward.lam: 0.5 -> 0.8\).*allow_config_change"):
+        search.run_search(changed, tmp_path, train_fn=ScriptedTrainer())
+    # Output options do not bind the workdir.
+    quiet = _config(max_rounds=1)
+    quiet.output.leaderboard_rows = 3
+    search.run_search(quiet, tmp_path, train_fn=ScriptedTrainer())
+    # Allowed: the workdir is rebound to the new config (a finished search stays finished).
+    changed.resume_with_changed_config = True
+    result = search.run_search(changed, tmp_path, train_fn=ScriptedTrainer())
+    state = _state(tmp_path)
+    assert state["config_changes"] == ["reward.lam: 0.5 -> 0.8"]
+    assert state["config"]["reward.lam"] == 0.8 and result.finished
+
+
+def test_bad_config_values_raise_clear_errors(tmp_path):
+    for field, value, message in (
+            ("search.round0_selection", "best", "search.round0_selection = 'best' is not one of"),
+            ("search.top_k", 0, "search.top_k must be an integer >= 1"),
+            ("memory.budget_mb", -1.0, "memory.budget_mb must be >= 0"),
+            ("reward.lam", 2.0, "lam must be in"),
+            ("grow_trim.growth", "sideways", "config.grow_trim: .*growth"),
+            ("search.accuracy_metric", "test_accuracy", "needs config.search.evaluate_test")):
+        config = _config()
+        group, name = field.split(".")
+        config[group][name] = value
+        with pytest.raises(ValueError, match=message):
+            search.run_search(config, tmp_path, train_fn=ScriptedTrainer())
+    assert not (tmp_path / search.STATE_FILE).exists()
+
+
+def test_state_file_round_trip_and_checksum(tmp_path):
+    state = {"rounds": [], "x": [1, 2.5, None, "é"]}
+    search.save_state(state, tmp_path)
+    search.save_state(dict(state, x=[3]), tmp_path)
+    assert search.load_state(tmp_path)["x"] == [3]
+    text = (tmp_path / search.STATE_FILE).read_text().replace("[3]", "[4]")
+    (tmp_path / search.STATE_FILE).write_text(text)  # valid JSON, wrong checksum
+    assert search.load_state(tmp_path)["x"] == [1, 2.5, None, "é"]
+    with pytest.raises(ValueError):  # NaN never reaches a state file
+        search.save_state({"bad": float("nan")}, tmp_path)
