@@ -23,7 +23,7 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +62,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.name = "cifar10"  # one of DATASET_NAMES
     c.source = "auto"  # "auto": npz when a copy is found, else TFDS; or force "npz" / "tfds"
     c.npz_dir = ""  # folder holding train.npz and test.npz ("" = $MEMNAS_DATA_DIR/<name>)
-    c.tfds_data_dir = ""  # TFDS data_dir ("" = TFDS default, i.e. $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.tfds_data_dir = ""  # "" = the TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
     c.validation_size = 5000  # held out of the training set for search-time selection; 0 = none
     c.validation_seed = 0
     c.train_subset = 0  # 0 = whole split; else this many examples (smoke runs)

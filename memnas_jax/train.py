@@ -364,22 +364,22 @@ class _StepFactory:
 
 
 class _TimedFirstCall:
-    """A jitted function compiled ahead of time on its first call, the compile time recorded
-    (the compiled executable then runs without re-tracing)."""
+    """A jitted function compiled ahead of time on its first call for each input signature,
+    the compile time summed (the compiled executables then run without re-tracing)."""
 
     def __init__(self, fn: Callable):
-        self._fn, self._compiled, self.compile_seconds = fn, None, 0.0
+        self._fn, self._compiled, self.compile_seconds = fn, {}, 0.0
+        self.compiled = None  # the most recent executable (for its cost analysis)
 
     def __call__(self, *args):
-        if self._compiled is None:
+        leaves, treedef = jax.tree.flatten(args)
+        signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
+        if signature not in self._compiled:
             start = time.perf_counter()
-            self._compiled = self._fn.lower(*args).compile()
-            self.compile_seconds = time.perf_counter() - start
-        return self._compiled(*args)
-
-    @property
-    def compiled(self):
-        return self._compiled
+            self._compiled[signature] = self._fn.lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - start
+        self.compiled = self._compiled[signature]
+        return self.compiled(*args)
 
 
 # ---------------------------------------------------------------------------------------------

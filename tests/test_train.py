@@ -36,7 +36,9 @@ class TinyCNN(nn.Module):
         x = nn.relu(x).reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes)(x)
 '''
-exec(TINY_MODEL_SOURCE)  # defines TinyCNN here and, verbatim, in the multi-device subprocess
+_namespace: dict = {}
+exec(TINY_MODEL_SOURCE, _namespace)  # the same source runs in the multi-device subprocess
+TinyCNN = _namespace["TinyCNN"]
 
 
 def _config(**overrides):
@@ -49,7 +51,7 @@ def _config(**overrides):
 
 @pytest.fixture(scope="module")
 def synthetic():
-    return data_lib.synthetic_dataset(num_train=512, num_validation=128, num_test=128)
+    return data_lib.synthetic_dataset(num_train=512, num_validation=128, num_test=192)
 
 
 def _max_abs_diff(a, b) -> float:
@@ -169,7 +171,8 @@ for n in (1, 4):
     assert out[n].status == "ok", out[n].message
 diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), out[1].variables, out[4].variables)
 print(json.dumps(dict(max_diff=max(jax.tree.leaves(diff)),
-                      scale=max(float(np.max(np.abs(x))) for x in jax.tree.leaves(out[1].variables)),
+                      scale=max(float(np.max(np.abs(x)))
+                                for x in jax.tree.leaves(out[1].variables)),
                       loss=[out[1].loss_curve, out[4].loss_curve],
                       val=[out[1].val_accuracy_curve, out[4].val_accuracy_curve])))
 '''
@@ -217,15 +220,17 @@ def test_skeleton_from_config_follows_the_data(synthetic):
 
 @pytest.mark.slow
 def test_small_candidate_reaches_50_percent_on_real_cifar10(data_dir, monkeypatch):
+    """A w=32 conv_3x3 candidate, 4 epochs of 10,240 images: 54 % test accuracy, ~2 min."""
     if not (data_dir / "cifar10" / "train.npz").exists():
         pytest.skip(f"no CIFAR-10 .npz in {data_dir}/cifar10")
     monkeypatch.setenv(data_lib.DATA_DIR_ENV, str(data_dir))
-    config = _config(epochs=4, batch_size=128, eval_batch_size=500, learning_rate=0.05,
-                     schedule="cosine", momentum=0.9, nesterov=True, num_devices=0)
-    config.data.update(dict(validation_size=1000, train_subset=10000, test_subset=2000))
-    config.skeleton.width = 16
+    config = _config(epochs=4, batch_size=128, eval_batch_size=500, learning_rate=0.03,
+                     schedule="cosine", warmup_epochs=1, nesterov=True, num_devices=0)
+    config.data.update(dict(validation_size=1000, train_subset=10240, test_subset=2000))
+    config.skeleton.width = 32
     dataset = data_lib.load_dataset(config.data)
-    result = train.train_candidate(NET53, config, dataset, jax.random.PRNGKey(0))
+    arch = uniform_architecture([(0, 0, "conv_3x3", "conv_3x3")])
+    result = train.train_candidate(arch, config, dataset, jax.random.PRNGKey(0))
     assert result.status == "ok", result.message
-    print(result)
     assert result.test_accuracy >= 0.5, result
+    assert result.best_val_accuracy >= 0.45, result
