@@ -5,17 +5,21 @@ r"""MemNAS search on CIFAR-10.
 
 Rerunning the same command on the same --workdir resumes the search where it stopped. A workdir
 made with another config is refused unless --allow_config_change is given. Outputs (in --workdir):
-candidates.jsonl, best.json, leaderboard.md, pareto.png, trajectory.png, tensorboard/.
+candidates.jsonl, best.json, best_architecture.json (for experiments/train_final.py --arch),
+leaderboard.md, pareto.png, trajectory.png, tensorboard/.
 """
 
 from __future__ import annotations
 
 import pathlib
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from memnas_jax import search
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run without installing
+
+from memnas_jax import search  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(pathlib.Path(__file__).resolve().parent / "configs" / "cifar10.py") + ":paper",

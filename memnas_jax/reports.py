@@ -5,7 +5,8 @@ Every output is a pure function of the state dict, rewritten whole and atomicall
 file:
 
 * `candidates.jsonl`: one line per trained candidate of each round (`candidate_records`);
-* `best.json`: the search's current answer, the last round winner (`best_record`);
+* `best.json`: the search's current answer, the last round winner (`best_record`), and
+  `best_architecture.json`: its `Architecture.to_json()` (for experiments/train_final.py --arch);
 * `leaderboard.md`: rounds, top candidates, Pareto front, in markdown (`leaderboard_markdown`);
 * `pareto.png`: accuracy vs total memory of every trained candidate, round winners marked and the
   Pareto front drawn; `trajectory.png`: the winner's accuracy and memory per round, as the paper's
@@ -30,6 +31,7 @@ from absl import logging
 
 CANDIDATES_FILE = "candidates.jsonl"
 BEST_FILE = "best.json"
+BEST_ARCHITECTURE_FILE = "best_architecture.json"  # Architecture.to_json(): train_final.py --arch
 LEADERBOARD_FILE = "leaderboard.md"
 PARETO_FILE = "pareto.png"
 TRAJECTORY_FILE = "trajectory.png"
@@ -384,7 +386,12 @@ def write_tables(state: dict, workdir: str | os.PathLike, leaderboard_rows: int 
     workdir = pathlib.Path(workdir)
     lines = [json.dumps(r, sort_keys=True, allow_nan=False) for r in candidate_records(state)]
     write_text_atomic(workdir / CANDIDATES_FILE, "".join(line + "\n" for line in lines))
-    write_text_atomic(workdir / BEST_FILE, _json(best_record(state)) + "\n")
+    best = best_record(state)
+    write_text_atomic(workdir / BEST_FILE, _json(best) + "\n")
+    if best["best"] is not None:
+        from memnas_jax.encoding import from_json  # pylint: disable=import-outside-toplevel
+        write_text_atomic(workdir / BEST_ARCHITECTURE_FILE,
+                          from_json(best["best"]["architecture"]).to_json(indent=1) + "\n")
     write_text_atomic(workdir / LEADERBOARD_FILE, leaderboard_markdown(state, leaderboard_rows))
 
 
@@ -407,7 +414,7 @@ def read_candidates(workdir: str | os.PathLike) -> list[dict]:
 
 
 __all__ = [
-    "BEST_FILE", "CANDIDATES_FILE", "LEADERBOARD_FILE", "PARETO_FILE", "TENSORBOARD_DIR",
+    "BEST_ARCHITECTURE_FILE", "BEST_FILE", "CANDIDATES_FILE", "LEADERBOARD_FILE", "PARETO_FILE", "TENSORBOARD_DIR",
     "TIMING_FIELDS", "TRAJECTORY_FILE", "best_record", "candidate_records",
     "leaderboard_markdown", "pareto_front", "plot_pareto", "plot_trajectory", "read_candidates",
     "tensorboard_scalars", "trained_entries", "winners", "write_all", "write_tables",
