@@ -801,12 +801,12 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     skeleton = train_lib.skeleton_from_config(config, dataset)
     if state is None:
         state = dict(config=relevant, config_hash=config_hash, status="running",
-                     stop_reason=None, rounds=[], controller=None, num_trained=0,
-                     summary=_summary(config, skeleton))
+                     stop_reason=None, rounds=[], controller=None, num_trained=0)
         logging.info("new search in %s: %s; %s", workdir, dataset.describe(), skeleton)
     else:
         logging.info("resuming the search in %s at round %d (%d candidates trained)", workdir,
                      len(state["rounds"]) - 1, state["num_trained"])
+    state["summary"] = _summary(config, skeleton)
     if writer:
         reports.write_text_atomic(workdir / CONFIG_FILE,
                                   json.dumps(_plain(config), indent=1, sort_keys=True) + "\n")

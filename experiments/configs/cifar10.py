@@ -7,9 +7,9 @@ Presets (override any field on the command line, e.g. `--config.reward.lam=0.8`)
   and 100), lambda 0.5, rounds 0 and 1 fully trained (98 and ~200 candidates), then the controller's
   top 100 per round, 13 rounds, at most 14 cells per block. Selection on a 5,000-image validation
   split held out of the training set (the authors selected on the test set). Weeks of GPU time.
-* gpu: a practical search on one GPU (about half a day on an H100-class GPU): width 32, 15 epochs at
-  batch 256 with a cosine schedule in bfloat16, rounds 0-1 sampled to 64 candidates, then the
-  controller's top 24 per round, 8 rounds.
+* gpu: a practical search on one GPU: width 32, 15 epochs at batch 256 with a cosine schedule in
+  bfloat16, round 0 all 49 add cells, round 1 sampled to 64 candidates, then the controller's top
+  24 per round, 8 rounds (about 260 candidates; its duration was not measured, no GPU here).
 * smoke: a real search on a 2-core CPU in about 15 minutes: a CIFAR-10 subset (2,500 training
   and 500 validation images, from $MEMNAS_DATA_DIR/cifar10/*.npz), width 8, 3 epochs, rounds 0
   and 1 sampled to 8 candidates, rounds 2 and 3 ranked by the controller (top 4).
