@@ -12,9 +12,11 @@ the mesh then spans all global devices and `host_batch_to_global` assembles the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from typing import Any
+import threading
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -54,18 +56,43 @@ def _backends_initialized() -> bool:
 
 def initialize_distributed() -> None:
     """`jax.distributed.initialize()` when launched as one process of several (cluster env vars
-    set by SLURM, Cloud TPU, or JAX_COORDINATOR_ADDRESS); a no-op for a single process."""
-    if any(os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
-                                       "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")):
-        jax.distributed.initialize()
+    set by SLURM, Cloud TPU, or JAX_/MEMNAS_COORDINATOR_ADDRESS); a no-op for a single process.
+    See `memnas_jax.distributed` for explicit addresses."""
+    from memnas_jax import distributed  # pylint: disable=import-outside-toplevel
+    distributed.initialize()
+
+
+_device_group = threading.local()
+
+
+@contextlib.contextmanager
+def device_group(devices: Sequence[jax.Device]) -> Iterator[None]:
+    """Within the block, in this thread, meshes are built from `devices` instead of all of
+    `jax.devices()`: how candidate-level parallelism (`memnas_jax.candidate_parallel`) gives
+    each concurrently trained candidate its own devices without any change to the trainer."""
+    if not devices:
+        raise ValueError("a device group needs at least one device")
+    previous = getattr(_device_group, "devices", None)
+    _device_group.devices = tuple(devices)
+    try:
+        yield
+    finally:
+        _device_group.devices = previous
+
+
+def available_devices() -> list[jax.Device]:
+    """The devices meshes are built from: the thread's `device_group`, else `jax.devices()`."""
+    group = getattr(_device_group, "devices", None)
+    return list(group) if group is not None else jax.devices()
 
 
 def make_data_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D mesh over the first `num_devices` devices (0 = all of them), axis "data".
+    """A 1-D mesh over the first `num_devices` devices (0 = all of them) of
+    `available_devices()`, axis "data".
 
     Built with `Mesh` rather than `jax.make_mesh`, whose axes now default to Explicit
     sharding-in-types; the classic Auto axes let jit propagate shardings by itself."""
-    devices = jax.devices()
+    devices = available_devices()
     if num_devices < 0 or num_devices > len(devices):
         raise ValueError(f"asked for {num_devices} devices but {len(devices)} are available "
                          f"({jax.default_backend()}); on CPU set XLA_FLAGS="
@@ -118,7 +145,7 @@ def constrain_batch(tree: Any, mesh: Mesh) -> Any:
 
 
 __all__ = [
-    "DATA_AXIS", "batch_sharded", "check_batch_size", "constrain_batch", "host_batch_to_global",
+    "DATA_AXIS", "available_devices", "batch_sharded", "device_group", "check_batch_size", "constrain_batch", "host_batch_to_global",
     "host_device_count_flag", "initialize_distributed", "make_data_mesh", "mesh_size",
     "replicate", "replicated", "set_host_device_count", "shard_batch",
 ]

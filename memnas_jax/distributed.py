@@ -1,0 +1,147 @@
+"""Joining a multi-process (multi-host) JAX job (DESIGN.md sections 8-9).
+
+Every process of a job runs the same deterministic search: the same candidates, the same seeds,
+the same global batches. Each process drives its own local devices; jit over a mesh of all the
+global devices makes XLA insert the cross-host collectives. Only process 0 writes the search's
+state, logs, plots and reports (`is_writer`); orbax checkpoints are written by every process
+together (orbax coordinates them, so all processes must call save/restore).
+
+Where the job's layout comes from, first match wins:
+
+1. explicit values (flags `--coordinator_address`, `--num_processes`, `--process_id`, or
+   `config.distributed`),
+2. the environment variables `MEMNAS_COORDINATOR_ADDRESS`, `MEMNAS_NUM_PROCESSES`,
+   `MEMNAS_PROCESS_ID` (or JAX's own `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+   `JAX_PROCESS_ID`),
+3. JAX's cluster auto-detection (SLURM, Open MPI, Cloud TPU pods, GKE): then
+   `jax.distributed.initialize()` needs no arguments at all.
+
+With none of these, the process is alone and nothing is initialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+import jax
+import ml_collections
+
+# Variables whose presence means a cluster manager launched this process as one of several
+# (what JAX's auto-detection reads).
+_CLUSTER_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                      "MEGASCALE_COORDINATOR_ADDRESS")
+_ENV_PREFIXES = ("MEMNAS_", "JAX_")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessLayout:
+    """Where a process sits in its job. Fields left None are auto-detected by JAX."""
+
+    coordinator_address: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    @property
+    def explicit(self) -> bool:
+        return all(v is not None for v in dataclasses.astuple(self))
+
+    def check(self) -> None:
+        """Raises ValueError for an incomplete or inconsistent explicit layout."""
+        given = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+        if given and not self.explicit and self.coordinator_address is None:
+            raise ValueError(f"{', '.join(given)} given without a coordinator address: pass "
+                             "coordinator_address (host:port of process 0) as well")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        if self.process_id is not None and self.num_processes is not None and not (
+                0 <= self.process_id < self.num_processes):
+            raise ValueError(f"process_id {self.process_id} is not in "
+                             f"[0, {self.num_processes})")
+        if self.coordinator_address is not None and ":" not in self.coordinator_address:
+            raise ValueError(f"coordinator_address {self.coordinator_address!r} is not "
+                             "host:port")
+
+
+def _env_value(environ: Mapping[str, str], name: str) -> str | None:
+    for prefix in _ENV_PREFIXES:
+        value = environ.get(prefix + name)
+        if value:
+            return value
+    return None
+
+
+def _int_or_none(value: str | int | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def resolve_layout(coordinator_address: str | None = None, num_processes: int | None = None,
+                   process_id: int | None = None,
+                   environ: Mapping[str, str] | None = None) -> ProcessLayout | None:
+    """The job layout from explicit values, else the environment; None for a lone process.
+
+    A layout whose fields are all None means "let JAX auto-detect" (a cluster manager's
+    variables are set). num_processes == 1 is a lone process too."""
+    environ = os.environ if environ is None else environ
+    layout = ProcessLayout(
+        coordinator_address=coordinator_address or _env_value(environ, "COORDINATOR_ADDRESS"),
+        num_processes=_int_or_none(num_processes if num_processes is not None else
+                                   _env_value(environ, "NUM_PROCESSES"), "num_processes"),
+        process_id=_int_or_none(process_id if process_id is not None else
+                                _env_value(environ, "PROCESS_ID"), "process_id"))
+    layout.check()
+    if layout.num_processes == 1:
+        return None
+    if layout.coordinator_address or any(environ.get(v) for v in _CLUSTER_VARIABLES):
+        return layout
+    return None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *,
+               environ: Mapping[str, str] | None = None) -> bool:
+    """Calls `jax.distributed.initialize` when this process is one of several; returns whether
+    it did. Must run before anything touches a device (`jax.devices()`, any array op).
+
+    A second call, or a call after `jax.distributed.initialize` elsewhere, does nothing."""
+    layout = resolve_layout(coordinator_address, num_processes, process_id, environ)
+    if layout is None or is_initialized():
+        return False
+    jax.distributed.initialize(coordinator_address=layout.coordinator_address,
+                               num_processes=layout.num_processes,
+                               process_id=layout.process_id)
+    return True
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """`config.distributed`: empty values mean "from the environment or auto-detected"."""
+    return ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0,
+                                          process_id=-1))
+
+
+def initialize_from_config(config: ml_collections.ConfigDict) -> bool:
+    """`initialize` with `config.distributed` (absent or empty fields: environment / auto)."""
+    d = config.get("distributed") or default_config()
+    return initialize(d.get("coordinator_address") or None,
+                      d.get("num_processes") or None,
+                      None if d.get("process_id", -1) < 0 else d.process_id)
+
+
+def is_initialized() -> bool:
+    from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+    return jax_distributed.global_state.client is not None
+
+
+def is_writer() -> bool:
+    """Whether this process writes files (process 0; any lone process)."""
+    return jax.process_index() == 0
+
+
+__all__ = ["ProcessLayout", "default_config", "initialize", "initialize_from_config",
+           "is_initialized", "is_writer", "resolve_layout"]

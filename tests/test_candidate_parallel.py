@@ -1,0 +1,86 @@
+"""Candidate-level parallelism (memnas_jax.candidate_parallel): device groups, and candidates
+trained concurrently on 2 groups x 2 devices equal to the same candidates trained one by one."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from memnas_jax import candidate_parallel, sharding
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_one_group_is_all_devices_and_errors_are_clear():
+    assert candidate_parallel.device_groups(1) == [tuple(jax.devices())]
+    with pytest.raises(ValueError, match="must be >= 1"):
+        candidate_parallel.device_groups(0)
+    with pytest.raises(ValueError, match="cannot split"):
+        candidate_parallel.device_groups(len(jax.devices()) + 1)
+
+
+def test_map_runs_in_item_order_inside_the_group():
+    seen = candidate_parallel.map_on_device_groups(
+        lambda x: (x * x, len(sharding.make_data_mesh().devices)), [3, 1, 2], 1)
+    assert seen == [(9, len(jax.devices())), (1, len(jax.devices())), (4, len(jax.devices()))]
+    assert sharding.available_devices() == jax.devices()  # the group ends with the call
+
+
+GROUPS_SCRIPT = r'''
+import json, sys, threading
+sys.path.insert(0, "tests")
+import jax, numpy as np
+from memnas_jax import candidate_parallel, data as data_lib, sharding, train
+from test_train import TinyCNN
+
+config = train.default_config()
+config.update(dict(epochs=2, batch_size=64, eval_batch_size=64, learning_rate=0.05,
+                   milestones=(2,), num_devices=0))
+data = data_lib.synthetic_dataset(num_train=256, num_validation=64, num_test=64)
+groups = candidate_parallel.device_groups(2)
+seeds = [0, 1, 2]
+threads = {}
+
+def train_one(seed):
+    mesh_ids = [d.id for d in sharding.make_data_mesh().devices]
+    threads.setdefault(threading.current_thread().name, []).append(seed)
+    r = train.train_candidate(None, config, data, jax.random.PRNGKey(seed), model=TinyCNN())
+    return dict(status=r.status, devices=mesh_ids, loss=list(r.loss_curve),
+                val=r.best_val_accuracy, test=r.test_accuracy,
+                leaves=[np.asarray(x).ravel().tolist() for x in jax.tree.leaves(r.variables)])
+
+parallel = candidate_parallel.map_on_device_groups(train_one, seeds, 2)
+sequential = []
+for seed in seeds:  # one after another on the first 2 devices
+    with sharding.device_group(jax.devices()[:2]):
+        sequential.append(train_one(seed))
+print(json.dumps(dict(groups=[[d.id for d in g] for g in groups], parallel=parallel,
+                      sequential=sequential, threads=sorted(map(sorted, threads.values())))))
+'''
+
+
+def test_two_groups_of_two_devices_match_sequential_training():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", GROUPS_SCRIPT], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["groups"] == [[0, 1], [2, 3]]
+    # Seeds 0 and 2 on group 0, seed 1 on group 1; the sequential runs all on devices 0-1.
+    assert [p["devices"] for p in out["parallel"]] == [[0, 1], [2, 3], [0, 1]]
+    assert [s["devices"] for s in out["sequential"]] == [[0, 1]] * 3
+    # Two group threads (seeds 0, 2 and seed 1) plus the main thread's sequential runs.
+    assert out["threads"] == [[0, 1, 2], [0, 2], [1]]
+    for par, seq in zip(out["parallel"], out["sequential"]):
+        assert par["status"] == seq["status"] == "ok"
+        assert par["loss"] == pytest.approx(seq["loss"], rel=1e-5, abs=1e-6)
+        assert par["val"] == seq["val"] and par["test"] == seq["test"]
+        for a, b in zip(par["leaves"], seq["leaves"]):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    # Different keys give different runs (the comparison above is not vacuous).
+    assert out["parallel"][0]["loss"] != out["parallel"][1]["loss"]
