@@ -56,8 +56,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from memnas_jax import candidate_parallel
 from memnas_jax import controller as controller_lib
 from memnas_jax import data as data_lib
+from memnas_jax import distributed
 from memnas_jax import ranking, reports
 from memnas_jax import train as train_lib
 from memnas_jax.encoding import NUM_OPS, Architecture, from_json
@@ -77,7 +79,7 @@ CONTROLLER_TARGETS = ("reward", "accuracy")
 ACCURACY_METRICS = ("best_val_accuracy", "final_val_accuracy", "test_accuracy")
 # Config fields that change no result, so a workdir may be resumed with other values.
 RUN_ONLY_FIELDS = ("resume_with_changed_config", "output", "train.compilation_cache_dir",
-                   "train.host_threads")
+                   "train.host_threads", "parallel", "distributed")
 # A reference accuracy of 0 would make the relative accuracy gain undefined.
 _MIN_REFERENCE_ACCURACY = 1e-6
 
@@ -142,6 +144,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.controller = ml_collections.ConfigDict(ctrl)
     c.output = ml_collections.ConfigDict(dict(
         progress_bar=True, plots=True, tensorboard=True, leaderboard_rows=20))
+    # How the work is spread; results do not depend on it (so resuming with other values is fine).
+    c.parallel = ml_collections.ConfigDict(dict(
+        candidate_groups=1,  # > 1: train this many candidates at once on disjoint device groups
+    ))
+    c.distributed = distributed.default_config()  # multi-process job layout ("" = auto)
     return c
 
 
@@ -155,6 +162,11 @@ def _check_int(value: Any, name: str, minimum: int) -> None:
         raise ValueError(f"config.{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def candidate_groups(config: ml_collections.ConfigDict) -> int:
+    """config.parallel.candidate_groups (1 in configs made before the field existed)."""
+    return (config.get("parallel") or {}).get("candidate_groups", 1)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field for settings no search could run with."""
     s = config.search
@@ -162,6 +174,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           ("full_train_cap", 0), ("top_k", 1)):
         _check_int(s[name], f"search.{name}", minimum)
     _check_int(config.seed, "seed", 0)
+    _check_int(candidate_groups(config), "parallel.candidate_groups", 1)
     _check_choice(s.round0_selection, ROUND0_SELECTIONS, "search.round0_selection")
     _check_choice(s.controller_target, CONTROLLER_TARGETS, "search.controller_target")
     _check_choice(s.accuracy_metric, ACCURACY_METRICS, "search.accuracy_metric")
@@ -572,21 +585,31 @@ class _Search:
                             self.writer and self.config.output.progress_bar)
         reference = _reference(rnd) if rnd["base"] is not None else None
         reward_config = RewardConfig(**self.config.reward)
+        # With candidate groups, G pending candidates train at once (candidate_parallel); each
+        # result is what training it alone gives, so the state after each save is the same as
+        # in a one-by-one run and a resume stays exact.
+        groups = candidate_groups(self.config)
+        pending = [i for i, e in enumerate(entries) if e["status"] == "pending"]
         try:
-            for i, entry in enumerate(entries):
-                if entry["status"] != "pending":
-                    continue
-                previous = self.previous_result(entry["hash"], rnd["round"])
-                if previous is not None:
-                    self.copy_result(entry, previous)
-                else:
-                    self.train_entry(entry)
-                    self.state["num_trained"] += 1
-                if reference is not None and entry["status"] == "ok":
-                    entry["reward"] = _reward(entry, reference, reward_config)
-                self.save()
-                _log_entry(rnd, i, entry)
-                bar.update(1)
+            for start in range(0, len(pending), groups):
+                chunk = pending[start:start + groups]
+                previous = {i: self.previous_result(entries[i]["hash"], rnd["round"])
+                            for i in chunk}
+                to_train = [i for i in chunk if previous[i] is None]
+                results = dict(zip(to_train, candidate_parallel.map_on_device_groups(
+                    lambda i: self.train_result(entries[i]), to_train, groups)))
+                for i in chunk:
+                    entry = entries[i]
+                    if previous[i] is not None:
+                        self.copy_result(entry, previous[i])
+                    else:
+                        self.record_result(entry, results[i])
+                        self.state["num_trained"] += 1
+                    if reference is not None and entry["status"] == "ok":
+                        entry["reward"] = _reward(entry, reference, reward_config)
+                    self.save()
+                    _log_entry(rnd, i, entry)
+                    bar.update(1)
                 ok = [e["accuracy"] for e in entries if e["status"] == "ok"]
                 if ok:
                     bar.set_postfix(best_acc=f"{100 * max(ok):.2f}%")
@@ -614,10 +637,12 @@ class _Search:
                      reused_from_round=source["reused_from_round"] if source[
                          "reused_from_round"] is not None else round_index)
 
-    def train_entry(self, entry: dict) -> None:
+    def train_result(self, entry: dict):
+        """Trains an entry's candidate (thread-safe: reads the entry, changes nothing)."""
         arch = from_json(entry["architecture"])
-        key = candidate_key(self.config.seed, entry["hash"])
-        result = self.train_fn(arch, self.skeleton, key)
+        return self.train_fn(arch, self.skeleton, candidate_key(self.config.seed, entry["hash"]))
+
+    def record_result(self, entry: dict, result) -> None:
         accuracy = getattr(result, self.config.search.accuracy_metric)
         status = result.status
         message = result.message
@@ -839,7 +864,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     backends), then `run_search` and a closing log line."""
     from memnas_jax import sharding  # pylint: disable=import-outside-toplevel
     _quiet_orbax_info()
-    sharding.initialize_distributed()
+    distributed.initialize_from_config(config)
     if config.host_device_count:
         if not sharding.set_host_device_count(config.host_device_count):
             logging.warning("could not set %d host devices (XLA_FLAGS already names a count, "

@@ -84,3 +84,63 @@ def test_two_groups_of_two_devices_match_sequential_training():
             assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     # Different keys give different runs (the comparison above is not vacuous).
     assert out["parallel"][0]["loss"] != out["parallel"][1]["loss"]
+
+
+SEARCH_SCRIPT = r'''
+import json, pathlib, sys, tempfile, threading
+sys.path.insert(0, "tests")
+import jax
+from memnas_jax import reports, search, sharding
+from test_search import Interrupted, ScriptedTrainer, _config, _without_timing
+
+class GroupRecordingTrainer(ScriptedTrainer):
+    """The scripted trainer, noting the mesh devices of each call; raises Interrupted on the
+    candidate `stop_hash` (a deterministic kill point, whatever the thread timing)."""
+    def __init__(self, stop_hash=None):
+        super().__init__()
+        self.stop_hash, self.meshes = stop_hash, set()
+    def __call__(self, arch, skeleton, key):
+        self.meshes.add(tuple(d.id for d in sharding.make_data_mesh().devices))
+        if arch.canonical_hash() == self.stop_hash:
+            raise Interrupted()
+        return super().__call__(arch, skeleton, key)
+
+def run(groups, workdir, trainer):
+    config = _config(max_rounds=3, stop_when_no_improvement=False)
+    config.parallel.candidate_groups = groups
+    return search.run_search(config, workdir, train_fn=trainer)
+
+tmp = pathlib.Path(tempfile.mkdtemp())
+one, two = GroupRecordingTrainer(), GroupRecordingTrainer()
+sequential, grouped = run(1, tmp / "one", one), run(2, tmp / "two", two)
+# Interrupted at the 6th candidate (a chunk's second), then resumed with 2 groups.
+stop = one.calls[5]
+try:
+    run(2, tmp / "resumed", GroupRecordingTrainer(stop))
+except Interrupted:
+    pass
+done = sum(e["status"] != "pending" for r in search.load_state(tmp / "resumed")["rounds"]
+           for e in r["entries"])
+resumed = run(2, tmp / "resumed", GroupRecordingTrainer())
+records = {k: _without_timing(reports.read_candidates(tmp / k)) for k in ("one", "two", "resumed")}
+print(json.dumps(dict(
+    meshes_one=sorted(one.meshes), meshes_two=sorted(two.meshes), done_at_kill=done,
+    trained=[sequential.num_trained, grouped.num_trained, resumed.num_trained],
+    same_records=[records["two"] == records["one"], records["resumed"] == records["one"]],
+    winners=[r.arch_hash for r in (sequential, grouped, resumed)], n=len(records["one"]))))
+'''
+
+
+def test_search_with_candidate_groups_equals_the_sequential_search_and_resumes():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", SEARCH_SCRIPT], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["meshes_one"] == [[0, 1, 2, 3]]
+    assert out["meshes_two"] == [[0, 1], [2, 3]]
+    assert out["done_at_kill"] == 4  # the chunk holding the 5th and 6th candidates is lost
+    assert out["trained"][0] == out["trained"][1] == out["n"] == 12
+    assert out["same_records"] == [True, True]
+    assert out["winners"][0] == out["winners"][1] == out["winners"][2]
