@@ -77,6 +77,9 @@ def test_predict_does_not_depend_on_input_order(trained, synthetic):
     order = np.random.default_rng(1).permutation(len(test_x))
     np.testing.assert_array_equal(controller.predict(trained, [test_x[i] for i in order]),
                                   scores[order])
+    with_copies = controller.predict(trained, test_x + test_x[:50])  # copies are scored once
+    np.testing.assert_array_equal(with_copies[300:], with_copies[:50])
+    np.testing.assert_array_equal(with_copies[:300], scores)
 
 
 def test_cross_candidate_scores_see_the_other_candidates(trained, synthetic):
