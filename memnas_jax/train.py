@@ -562,44 +562,46 @@ def _train(arch, config, data, rng, skeleton, model, start) -> TrainResult:
 
     evaluator = _Evaluator(steps, data, config, mesh)
 
-    # Epochs.
-    train_seconds, images_seen, epoch_seconds = 0.0, 0, []
-    status, message = "ok", ""
-    for epoch in range(resumed_from, config.epochs):
-        epoch_start = time.perf_counter()
-        metrics = _zeros(mesh, loss_sum=np.float32, steps=np.int32)
-        compile_before = train_step.compile_seconds
-        for i, batch in enumerate(epoch_batches(epoch)):
-            state, metrics = train_step(state, metrics, *batch)
-            if config.nan_check_every_steps and (i + 1) % config.nan_check_every_steps == 0:
-                if not np.isfinite(float(jax.device_get(metrics["loss_sum"]))):
-                    break
-        loss_sum, done_steps = jax.device_get((metrics["loss_sum"], metrics["steps"]))
-        epoch_seconds.append(time.perf_counter() - epoch_start
-                             - (train_step.compile_seconds - compile_before))
-        train_seconds += epoch_seconds[-1]
-        images_seen += int(done_steps) * config.batch_size
-        mean_loss = float(loss_sum) / max(int(done_steps), 1)
-        if not math.isfinite(mean_loss):
-            status = "diverged"
-            message = f"training loss became {mean_loss} in epoch {epoch + 1}"
-            history.append(dict(epoch=epoch + 1, train_loss=mean_loss, val_accuracy=None))
-            break
-        state = state.replace(epoch=sharding.replicate(np.int32(epoch + 1), mesh))
-        evaluate_now = ((epoch + 1) % config.eval_every_epochs == 0
-                        or epoch + 1 == config.epochs)
-        val_accuracy = (evaluator.accuracy(state, data.validation)
-                        if evaluate_now and data.validation is not None else None)
-        history.append(dict(epoch=epoch + 1, train_loss=mean_loss, val_accuracy=val_accuracy))
-        logging.info("epoch %d/%d: loss %.4f, val accuracy %s, %.1f s", epoch + 1,
-                     config.epochs, mean_loss, val_accuracy, time.perf_counter() - epoch_start)
-        if manager is not None and (epoch + 1 == config.epochs or (
-                config.checkpoint_every_epochs
-                and (epoch + 1) % config.checkpoint_every_epochs == 0)):
-            _save_checkpoint(manager, state, history)
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
+    # Epochs (the checkpoint manager is closed however they end).
+    try:
+        train_seconds, images_seen, epoch_seconds = 0.0, 0, []
+        status, message = "ok", ""
+        for epoch in range(resumed_from, config.epochs):
+            epoch_start = time.perf_counter()
+            metrics = _zeros(mesh, loss_sum=np.float32, steps=np.int32)
+            compile_before = train_step.compile_seconds
+            for i, batch in enumerate(epoch_batches(epoch)):
+                state, metrics = train_step(state, metrics, *batch)
+                if config.nan_check_every_steps and (i + 1) % config.nan_check_every_steps == 0:
+                    if not np.isfinite(float(jax.device_get(metrics["loss_sum"]))):
+                        break
+            loss_sum, done_steps = jax.device_get((metrics["loss_sum"], metrics["steps"]))
+            epoch_seconds.append(time.perf_counter() - epoch_start
+                                 - (train_step.compile_seconds - compile_before))
+            train_seconds += epoch_seconds[-1]
+            images_seen += int(done_steps) * config.batch_size
+            mean_loss = float(loss_sum) / max(int(done_steps), 1)
+            if not math.isfinite(mean_loss):
+                status = "diverged"
+                message = f"training loss became {mean_loss} in epoch {epoch + 1}"
+                history.append(dict(epoch=epoch + 1, train_loss=mean_loss, val_accuracy=None))
+                break
+            state = state.replace(epoch=sharding.replicate(np.int32(epoch + 1), mesh))
+            evaluate_now = ((epoch + 1) % config.eval_every_epochs == 0
+                            or epoch + 1 == config.epochs)
+            val_accuracy = (evaluator.accuracy(state, data.validation)
+                            if evaluate_now and data.validation is not None else None)
+            history.append(dict(epoch=epoch + 1, train_loss=mean_loss, val_accuracy=val_accuracy))
+            logging.info("epoch %d/%d: loss %.4f, val accuracy %s, %.1f s", epoch + 1,
+                         config.epochs, mean_loss, val_accuracy, time.perf_counter() - epoch_start)
+            if manager is not None and (epoch + 1 == config.epochs or (
+                    config.checkpoint_every_epochs
+                    and (epoch + 1) % config.checkpoint_every_epochs == 0)):
+                _save_checkpoint(manager, state, history)
+    finally:
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
 
     test_accuracy = None
     if status == "ok" and data.test is not None:

@@ -277,14 +277,18 @@ def tfds_dir(tmp_path_factory):
     return path
 
 
-def test_tfds_streaming_and_host_pipeline(tfds_dir):
+@pytest.mark.parametrize("use_grain", [False, True], ids=["threads", "grain"])
+def test_tfds_streaming_and_host_pipeline(tfds_dir, use_grain):
+    if use_grain:
+        pytest.importorskip("grain", reason="grain (optional host pipeline) not installed")
     split = data_lib.tfds_streaming_split("memnas_tiny_images", "train", str(tfds_dir),
                                           image_size=8, resize="imagenet")
     assert len(split) == 12
-    epoch0 = list(data_lib.host_batches(split, 5, seed=1, epoch=0, train=True))
+    batches = lambda **kw: list(data_lib.host_batches(split, 5, use_grain=use_grain, **kw))
+    epoch0 = batches(seed=1, epoch=0, train=True)
     assert [b[0].shape for b in epoch0] == [(5, 8, 8, 3)] * 2  # last partial batch dropped
-    again = list(data_lib.host_batches(split, 5, seed=1, epoch=0, train=True))
-    epoch1 = list(data_lib.host_batches(split, 5, seed=1, epoch=1, train=True))
+    again = batches(seed=1, epoch=0, train=True)
+    epoch1 = batches(seed=1, epoch=1, train=True)
     np.testing.assert_array_equal(epoch0[0][0], again[0][0])
     assert not np.array_equal(np.concatenate([b[1] for b in epoch0]),
                               np.concatenate([b[1] for b in epoch1]))
@@ -293,7 +297,7 @@ def test_tfds_streaming_and_host_pipeline(tfds_dir):
         values = images[:, 0, 0, 0]
         assert np.all(images == values[:, None, None, None])
         np.testing.assert_array_equal(values % 3, labels)
-    evaluation = list(data_lib.host_batches(split, 5, seed=0, epoch=0, train=False))
+    evaluation = batches(seed=0, epoch=0, train=False)
     assert [len(b[1]) for b in evaluation] == [5, 5, 2]
     assert sorted(np.concatenate([b[0][:, 0, 0, 0] for b in evaluation])) == list(range(12))
 

@@ -78,6 +78,22 @@ def test_tiny_model_learns_synthetic_data(synthetic):
     assert again.loss_curve[0] == result.loss_curve[0]
 
 
+def test_streaming_split_trains_through_the_host_pipeline(synthetic):
+    """The ImageNet path: records batched on the host, augmented and normalised on device."""
+    records = lambda split: [{"image": im, "label": int(y)}
+                             for im, y in zip(split.images, split.labels)]
+    streamed = data_lib.Dataset(
+        "synthetic-stream", 10, (32, 32, 3), data_lib.StreamingSplit(records(synthetic.train), 32),
+        data_lib.StreamingSplit(records(synthetic.validation), 32), None, synthetic.mean,
+        synthetic.std)
+    assert not streamed.on_device
+    result = train.train_candidate(None, _config(epochs=2, eval_batch_size=48), streamed,
+                                   jax.random.PRNGKey(0), model=TinyCNN())
+    assert result.status == "ok", result.message
+    assert result.epochs_done == 2 and result.best_val_accuracy >= 0.8
+    assert result.test_accuracy is None  # no test split given
+
+
 def test_memnas_network_trains_and_counts_parameters(synthetic):
     from memnas_jax.network import param_count
     config = _config(epochs=1, depthwise_impl="xla")
