@@ -28,7 +28,8 @@ import numpy as np
 from memnas_jax import controller, ranking
 
 # NAS-Bench-201: 4 nodes, one edge i -> j (i < j) per pair, each edge one of 5 ops. The cell string
-# lists, for each target node j = 1..3, the edges from nodes 0..j-1: "|op~0|+|op~0|op~1|+|op~0|op~1|op~2|".
+# lists, for each target node j = 1..3, the edges from nodes 0..j-1:
+# "|op~0|+|op~0|op~1|+|op~0|op~1|op~2|".
 NB201_OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 NB201_EDGES = tuple((source, target) for target in (1, 2, 3) for source in range(target))
 CHANNELS, CELLS_PER_STAGE = (16, 32, 64), 5
@@ -47,7 +48,8 @@ def parse_cell(arch_str: str) -> list[int]:
     for target, node in enumerate(arch_str.strip("|").split("|+|"), start=1):
         edges = node.split("|")
         if len(edges) != target:
-            raise ValueError(f"{arch_str!r}: node {target} has {len(edges)} inputs, expected {target}")
+            raise ValueError(f"{arch_str!r}: node {target} has {len(edges)} inputs, "
+                             f"expected {target}")
         for source, edge in enumerate(edges):
             op, from_node = edge.split("~")
             if int(from_node) != source:
@@ -58,7 +60,9 @@ def parse_cell(arch_str: str) -> list[int]:
 
 def cell_tokens(ops: list[int]) -> np.ndarray:
     """One token row per edge: [edge index, source node, target node, op]."""
-    return np.array([[e, s, t, op] for e, ((s, t), op) in enumerate(zip(NB201_EDGES, ops))], np.int32)
+    rows = [[edge, source, target, op]
+            for edge, ((source, target), op) in enumerate(zip(NB201_EDGES, ops))]
+    return np.array(rows, np.int32)
 
 
 def parameter_count(ops: list[int]) -> int:
@@ -90,7 +94,8 @@ def check_parameter_counts(zc_path: pathlib.Path) -> int:
 def load(data_dir: pathlib.Path):
     path = data_dir / "nasbench201" / "cifar10_avg.csv"
     if not path.exists():
-        raise SystemExit(f"{path} not found: set MEMNAS_DATA_DIR to the folder holding nasbench201/")
+        raise SystemExit(f"{path} not found: set MEMNAS_DATA_DIR to the folder holding "
+                         "nasbench201/")
     with path.open() as f:
         rows = list(csv.DictReader(f))
     ops = [parse_cell(row["arch_str"]) for row in rows]

@@ -6,20 +6,22 @@ Model (the paper's figure, with LSTMs):
              -> bidirectional ranking LSTM across a *set* of candidates ("structure correlation":
                 every score sees all the others of its set)
              -> Dense -> score.
-`ControllerConfig.cross_candidate=False` drops the ranking LSTM (the ablation: score = Dense(feature)).
+`ControllerConfig.cross_candidate=False` drops the ranking LSTM (the ablation: score =
+Dense(feature)).
 
 Training: random sets of `set_size` candidates of one group (a group = the candidates of one round,
-whose targets are comparable), `sets_per_batch` sets a step, pairwise logistic loss over every pair of
-the batch in the same group with different targets (default) or MSE on standardised targets (the
+whose targets are comparable), `sets_per_batch` sets a step, pairwise logistic loss over every pair
+of the batch in the same group with different targets (default) or MSE on standardised targets (the
 authors' code). optax AdamW, early stopping on the Kendall tau of a held-out split.
 
 Order robustness of the ranking LSTM: training sets are random subsets in random order, so the LSTM
 learns a function of the set that does not rely on a particular order. `predict` must be
-deterministic and independent of the order the caller lists candidates in, so it sorts them into a
-canonical order (lexicographic on the tokens), shuffles that with a fixed seed (so a set looks like a
-training set: a random sample, not a run of near-identical architectures), and cuts it into sets of
-about `set_size`. Because the loss also compares pairs drawn from different sets of a batch, scores
-are comparable across sets, which is what ranking a long list chunk by chunk needs. A score
+deterministic and independent of the order the caller lists candidates in, so it sorts the
+distinct candidates into a canonical order (lexicographic on the tokens; copies are scored once),
+shuffles that with a fixed seed (so a set looks like a training set: a random sample, not a run of
+near-identical architectures), and cuts it into sets of about `set_size`. Because the loss also
+compares pairs drawn from different sets of a batch, scores are comparable across sets, which is
+what ranking a long list chunk by chunk needs. A score
 therefore depends on the candidate and on the (fixed) set it lands in, not on the input order.
 Chunking also keeps `predict` fast: the ranking LSTM scans `set_size` steps over many sets in
 parallel instead of one 10,000-step scan.
@@ -91,7 +93,8 @@ class ControllerConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ControllerConfig.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"ControllerConfig.{name} must be a positive integer, "
+                                 f"got {value!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"ControllerConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         if self.field_merge not in FIELD_MERGES:
@@ -106,7 +109,8 @@ class ControllerConfig:
         if self.vocab_sizes is not None:
             sizes = tuple(self.vocab_sizes)
             if not sizes or any(not isinstance(v, (int, np.integer)) or v < 1 for v in sizes):
-                raise ValueError(f"ControllerConfig.vocab_sizes must be positive integers, got {sizes!r}")
+                raise ValueError("ControllerConfig.vocab_sizes must be positive integers, "
+                                 f"got {sizes!r}")
             object.__setattr__(self, "vocab_sizes", tuple(int(v) for v in sizes))
 
     def to_dict(self) -> dict:
@@ -125,8 +129,8 @@ class ControllerState:
     """A trained controller: its config, the vocabulary it was built for and its parameters.
 
     target_mean/target_scale standardise the targets for the MSE loss (predict maps scores back to
-    target units); steps and holdout_tau describe the fit that produced the state (holdout_tau is nan
-    when there was no held-out split)."""
+    target units). steps: the optimizer steps of the fit that produced the returned (best)
+    parameters; holdout_tau: their held-out Kendall tau (nan without a held-out split)."""
 
     config: ControllerConfig
     vocab_sizes: tuple[int, ...]
@@ -188,7 +192,8 @@ def _model_fields(config: ControllerConfig) -> tuple:
             config.cross_candidate)
 
 
-def _make_model(config: ControllerConfig, vocab_sizes: tuple[int, ...]) -> StructureCorrelationRanker:
+def _make_model(config: ControllerConfig, vocab_sizes: tuple[int, ...]
+                ) -> StructureCorrelationRanker:
     return StructureCorrelationRanker(
         vocab_sizes=vocab_sizes, embed_dim=config.embed_dim, field_merge=config.field_merge,
         encoder_hidden=config.encoder_hidden, ranker_hidden=config.ranker_hidden,
@@ -208,7 +213,7 @@ def _bucket_rows(n: int) -> int:
 
 def _pad_tokens(token_sequences: Sequence[Any], num_fields: int | None = None,
                 vocab_sizes: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Checks variable-length (rows_i, fields) int arrays and pads them to (n, bucketed rows, fields)."""
+    """Checks variable-length (rows_i, fields) int arrays; pads to (n, bucketed rows, fields)."""
     if isinstance(token_sequences, (str, bytes)) or not hasattr(token_sequences, "__len__"):
         raise TypeError("token_sequences must be a list of (rows, fields) integer arrays, got "
                         f"{type(token_sequences).__name__}")
@@ -411,12 +416,14 @@ def top_k(state: ControllerState, token_sequences: Sequence[Any], k: int) -> np.
 
 
 # ------------------------------------------------------------------------------------------ fit
-def initialize(vocab_sizes: Sequence[int], config: ControllerConfig | None = None) -> ControllerState:
-    """An untrained controller for tokens with these per-field vocabulary sizes (seeded by config)."""
+def initialize(vocab_sizes: Sequence[int], config: ControllerConfig | None = None
+               ) -> ControllerState:
+    """An untrained controller for tokens with these per-field vocabulary sizes (config.seed)."""
     config = config or ControllerConfig()
     vocab_sizes = tuple(int(v) for v in vocab_sizes)
     if not vocab_sizes or min(vocab_sizes) < 1:
-        raise ValueError(f"vocab_sizes must be positive integers, one per token field, got {vocab_sizes}")
+        raise ValueError("vocab_sizes must be positive integers, one per token field, "
+                         f"got {vocab_sizes}")
     params = _programs(config, vocab_sizes).init_params(
         jax.random.fold_in(jax.random.key(config.seed), 0))
     return ControllerState(config=config, vocab_sizes=vocab_sizes, params=params)
@@ -440,12 +447,13 @@ def fit(token_sequences: Sequence[Any], targets: Any, groups: Any = None,
         config: ControllerConfig | None = None) -> ControllerState:
     """Trains a controller on candidates with known targets (higher = better).
 
-    groups: optional int per candidate; only candidates of the same group are compared (e.g. the
+    groups: optional label per candidate; only candidates of the same group are compared (e.g. the
       round that produced them, when targets are relative to that round's base network).
     init_state: warm start from these parameters (refit each round); its vocabulary is kept and the
       model shape of `config` must match it. The optimizer state starts afresh.
     config: defaults to init_state.config, else ControllerConfig().
-    Returns the parameters with the best held-out Kendall tau (the last ones without a held-out split).
+    Returns the parameters with the best held-out Kendall tau (the last ones without a held-out
+    split).
     """
     if config is None:
         config = init_state.config if init_state is not None else ControllerConfig()
@@ -465,7 +473,8 @@ def fit(token_sequences: Sequence[Any], targets: Any, groups: Any = None,
     targets = targets.astype(np.float64)
     groups = np.zeros(n, np.int64) if groups is None else np.asarray(groups)
     if groups.shape != (n,):
-        raise ValueError(f"groups must have shape ({n},) (one label per candidate), got {groups.shape}")
+        raise ValueError(f"groups must have shape ({n},) (one label per candidate), "
+                         f"got {groups.shape}")
     groups = np.unique(groups, return_inverse=True)[1].reshape(-1).astype(np.int32)
     vocab_sizes = _vocab_for(tokens, config, init_state)
     _check_vocab(tokens, vocab_sizes)
@@ -557,7 +566,8 @@ def restore(path: str | pathlib.Path) -> ControllerState:
                                 "memnas_jax.controller.save")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r}")
     config = ControllerConfig.from_dict(meta["config"])
     vocab_sizes = tuple(meta["vocab_sizes"])
     abstract = jax.eval_shape(_programs(config, vocab_sizes).init_params, jax.random.key(0))

@@ -183,7 +183,7 @@ def test_bad_input_gives_clear_errors(trained, synthetic):
         controller.predict(trained, [train_x[0] - 10])
     too_big = train_x[0].copy()
     too_big[0, 4] = 8
-    with pytest.raises(ValueError, match="field 4 has value 8, outside the controller's vocabulary"):
+    with pytest.raises(ValueError, match="field 4 has value 8, outside the controller's vocab"):
         controller.predict(trained, [too_big])
     with pytest.raises(ValueError, match="targets must be 3 finite numbers"):
         controller.fit(train_x[:3], train_y[:2])
