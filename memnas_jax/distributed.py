@@ -138,10 +138,19 @@ def is_initialized() -> bool:
     return jax_distributed.global_state.client is not None
 
 
+def sync_processes(name: str) -> None:
+    """A barrier across the processes of the job (nothing for a lone process). Raises when a
+    process has died, so the survivors stop instead of going on alone: a candidate whose
+    collectives failed because a peer is gone must not be recorded as a failed candidate."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices(name)
+
+
 def is_writer() -> bool:
     """Whether this process writes files (process 0; any lone process)."""
     return jax.process_index() == 0
 
 
 __all__ = ["ProcessLayout", "default_config", "initialize", "initialize_from_config",
-           "is_initialized", "is_writer", "resolve_layout"]
+           "is_initialized", "is_writer", "resolve_layout", "sync_processes"]

@@ -598,6 +598,9 @@ class _Search:
                 to_train = [i for i in chunk if previous[i] is None]
                 results = dict(zip(to_train, candidate_parallel.map_on_device_groups(
                     lambda i: self.train_result(entries[i]), to_train, groups)))
+                # Multi-process: all processes finished these candidates (raises if one died,
+                # before any of its collective failures is recorded as a failed candidate).
+                distributed.sync_processes(f"round {rnd['round']} candidates {chunk}")
                 for i in chunk:
                     entry = entries[i]
                     if previous[i] is not None:

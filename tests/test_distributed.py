@@ -141,3 +141,79 @@ def test_two_processes_train_a_candidate_like_one_process_with_four_devices(tmp_
         assert len(leaves.files) == len(reference.files) == 8  # 6 params + 2 BN stats
         for name in reference.files:
             np.testing.assert_allclose(leaves[name], reference[name], rtol=1e-4, atol=1e-5)
+
+
+SEARCH_SCRIPT = r'''
+import importlib.util, json, sys
+process_id, num_processes, port, workdir = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
+                                             sys.argv[4])
+from memnas_jax import distributed
+distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+from memnas_jax import search
+spec = importlib.util.spec_from_file_location("cifar10_config", "experiments/configs/cifar10.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+config = module.get_config("test")
+# Two fully trained rounds of 3 candidates (no controller); candidates checkpoint every epoch,
+# so every process takes part in orbax saves and restores.
+config.search.update(dict(max_rounds=2, full_train_rounds=2, full_train_cap=3,
+                          candidate_checkpoints=True))
+config.train.update(dict(epochs=3, checkpoint_every_epochs=1))
+config.output.update(dict(progress_bar=False, plots=False, tensorboard=False))
+result = search.run_search(config, workdir)
+print(json.dumps(dict(hash=result.arch_hash, trained=result.num_trained)))
+'''
+
+
+def _records(workdir: pathlib.Path) -> list[dict]:
+    from memnas_jax import reports  # pylint: disable=import-outside-toplevel
+    return [{k: r[k] for k in ("hash", "status", "accuracy", "epochs_done")}
+            for r in reports.read_candidates(workdir)]
+
+
+def _done(workdir: pathlib.Path) -> int:
+    from memnas_jax import search  # pylint: disable=import-outside-toplevel
+    try:
+        state = search.load_state(workdir)
+    except search.StateError:
+        return 0
+    return 0 if state is None else sum(e["status"] != "pending" for r in state["rounds"]
+                                       for e in r["entries"])
+
+
+@pytest.mark.slow
+def test_killed_two_process_search_resumes_to_the_single_process_result(tmp_path):
+    reference = json.loads(_finish(_launch(SEARCH_SCRIPT, 1, 4, str(tmp_path / "one")))[0]
+                           .strip().splitlines()[-1])
+    workdir = tmp_path / "pair"
+    procs = _launch(SEARCH_SCRIPT, 2, 2, str(workdir))
+    deadline = time.monotonic() + 300
+    while _done(workdir) < 1 and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+        time.sleep(0.2)
+    assert _done(workdir) >= 1
+    # One host dies. The survivor fails at the next barrier (or hangs in a collective) rather
+    # than record its peer's death as failed candidates; a cluster manager would end it.
+    procs[1].send_signal(signal.SIGKILL)
+    try:
+        procs[0].wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+    for p in procs:
+        p.wait()
+        p.stdout.close()
+        p.stderr.close()
+    killed_at = _done(workdir)
+    assert 1 <= killed_at < 6
+    resumed = [json.loads(out.strip().splitlines()[-1])
+               for out in _finish(_launch(SEARCH_SCRIPT, 2, 2, str(workdir)))]
+    assert resumed[0] == resumed[1]
+    assert resumed[0]["hash"] == reference["hash"]
+    records, expected = _records(workdir), _records(tmp_path / "one")
+    assert len(records) == len(expected) == 6
+    assert [r["hash"] for r in records] == [r["hash"] for r in expected]
+    for r, e in zip(records, expected):
+        assert (r["status"], r["epochs_done"]) == (e["status"], e["epochs_done"]) == ("ok", 3)
+        assert r["accuracy"] == pytest.approx(e["accuracy"], abs=1 / 64 + 1e-9)
+    assert not (tmp_path / "one" / "candidate_checkpoints").exists() or not any(
+        (tmp_path / "one" / "candidate_checkpoints").iterdir())
