@@ -134,8 +134,7 @@ def initialize_from_config(config: ml_collections.ConfigDict) -> bool:
 
 
 def is_initialized() -> bool:
-    from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
-    return jax_distributed.global_state.client is not None
+    return jax.distributed.is_initialized()
 
 
 def sync_processes(name: str) -> None:
