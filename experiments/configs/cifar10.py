@@ -12,8 +12,8 @@ Presets (override any field on the command line, e.g. `--config.reward.lam=0.8`)
   bfloat16, round 0 all 49 add cells, round 1 sampled to 64 candidates, then the controller's top
   24 per round, 8 rounds (about 260 candidates; its duration was not measured, no GPU here).
 * smoke: a real search on a 2-core CPU in under 15 minutes: a CIFAR-10 subset (2,500 training
-  and 500 validation images, from $MEMNAS_DATA_DIR/cifar10/*.npz), width 8, 3 epochs, rounds 0
-  and 1 sampled to 6 candidates, rounds 2 and 3 ranked by the controller (top 3).
+  and 500 validation images, from $MEMNAS_DATA_DIR/cifar10/*.npz), width 8, 2 epochs, rounds 0
+  and 1 sampled to 5 candidates, rounds 2 and 3 ranked by the controller (top 3): 16 candidates.
 * test: synthetic 16 px data, width 4, seconds per candidate (the test suite).
 """
 
@@ -66,10 +66,10 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
         config.data.update(dict(source="npz", validation_size=5000, train_subset=2500,
                                 validation_subset=500))
         config.skeleton.width = 8
-        config.train.update(dict(epochs=3, batch_size=64, eval_batch_size=250,
+        config.train.update(dict(epochs=2, batch_size=64, eval_batch_size=250,
                                  learning_rate=0.05, milestones=(), checkpoint_every_epochs=0))
         config.grow_trim.round0_combine_modes = ("add",)
-        config.search.update(dict(max_rounds=4, full_train_cap=6, top_k=3,
+        config.search.update(dict(max_rounds=4, full_train_cap=5, top_k=3,
                                   candidate_checkpoints=False))
         _common().small_controller(config, max_steps=400)
     elif preset == "test":
