@@ -414,7 +414,8 @@ def read_candidates(workdir: str | os.PathLike) -> list[dict]:
 
 
 __all__ = [
-    "BEST_ARCHITECTURE_FILE", "BEST_FILE", "CANDIDATES_FILE", "LEADERBOARD_FILE", "PARETO_FILE", "TENSORBOARD_DIR",
+    "BEST_ARCHITECTURE_FILE", "BEST_FILE", "CANDIDATES_FILE", "LEADERBOARD_FILE", "PARETO_FILE",
+    "TENSORBOARD_DIR",
     "TIMING_FIELDS", "TRAJECTORY_FILE", "best_record", "candidate_records",
     "leaderboard_markdown", "pareto_front", "plot_pareto", "plot_trajectory", "read_candidates",
     "tensorboard_scalars", "trained_entries", "winners", "write_all", "write_tables",
