@@ -531,19 +531,35 @@ def preprocess_record(record: dict, split: StreamingSplit, train: bool,
 
 
 def host_batches(split: StreamingSplit, batch_size: int, *, seed: int, epoch: int, train: bool,
-                 num_threads: int = 0, use_grain: bool | None = None
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (uint8 images, int32 labels) batches of a streaming split.
+                 rows: Sequence[int] | None = None, num_threads: int = 0,
+                 use_grain: bool | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yields (uint8 images, int32 labels, bool mask) host batches of a streaming split.
 
-    Training: shuffled by (seed, epoch), random crops seeded per (seed, epoch, index), last
-    partial batch dropped. Evaluation: stored order, every example, the last batch short.
+    The split is cut into global batches of `batch_size`: training shuffles by (seed, epoch),
+    seeds each random crop by (seed, epoch, example) and drops the last partial batch;
+    evaluation keeps the stored order and pads the last batch (zero images, label 0, mask
+    False). `rows` are the positions within each global batch that this host feeds (default:
+    all of them; in a multi-host job `sharding.process_batch_rows`), so every host yields the
+    same number of batches of len(rows) rows, and hosts together cover each global batch once.
     grain does the work when installed (and `use_grain` is not False), else a thread pool."""
     n = len(split)
+    rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
+    if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= batch_size:
+        raise ValueError(f"rows must be positions in a batch of {batch_size}, got {rows}")
     order = np.random.default_rng([seed, epoch]).permutation(n) if train else np.arange(n)
-    if train:
-        order = order[: n - n % batch_size]
+    num_batches = n // batch_size if train else -(-n // batch_size)
+    # This host's examples, batch after batch; -1 marks padding past the end of the split.
+    positions = (np.arange(num_batches)[:, None] * batch_size + rows[None, :]).reshape(-1)
+    local = np.where(positions < n, order[np.minimum(positions, n - 1)], -1)
+    masks = (local >= 0).reshape(num_batches, len(rows))
+    padding: list[np.ndarray] = []
 
     def load(i: int) -> tuple[np.ndarray, int]:
+        if i < 0:
+            if not padding:  # the shape of a real example (lazily: most batches need none)
+                padding.append(np.zeros_like(load(0)[0]))
+            return padding[0], 0
         rng = np.random.default_rng([seed, epoch, int(i)])
         return preprocess_record(split.source[int(i)], split, train, rng)
 
@@ -552,17 +568,17 @@ def host_batches(split: StreamingSplit, batch_size: int, *, seed: int, epoch: in
         raise ImportError("use_grain=True but grain is not installed (pip install grain)")
     threads = num_threads or min(8, os.cpu_count() or 1)
     if grain is not None:
-        dataset = grain.MapDataset.source(order).map(load).batch(batch_size)
+        dataset = grain.MapDataset.source(local).map(load).batch(len(rows))
         iterator = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                             prefetch_buffer_size=2 * batch_size))
-        for images, labels in iterator:
-            yield np.asarray(images, np.uint8), np.asarray(labels, np.int32)
+                                                             prefetch_buffer_size=2 * len(rows)))
+        for mask, (images, labels) in zip(masks, iterator):
+            yield np.asarray(images, np.uint8), np.asarray(labels, np.int32), mask
         return
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for start in range(0, len(order), batch_size):
-            items = list(pool.map(load, order[start:start + batch_size]))
+        for b, mask in enumerate(masks):
+            items = list(pool.map(load, local[b * len(rows):(b + 1) * len(rows)]))
             yield (np.stack([im for im, _ in items]),
-                   np.asarray([label for _, label in items], np.int32))
+                   np.asarray([label for _, label in items], np.int32), mask)
 
 
 def _import_grain():

@@ -129,13 +129,25 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, batch_sharded(mesh))
 
 
-def host_batch_to_global(tree: Any, mesh: Mesh) -> Any:
-    """Assembles each process's local slice of a batch into one global sharded array. With a
-    single process this is `shard_batch`; with several, each host passes its own rows."""
+def process_batch_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+    """The rows of a global batch of `batch_size` that this process feeds, in the order
+    `host_batch_to_global` expects them (its devices' slices, ascending): all rows for a single
+    process; rows [p * b, (p + 1) * b) for process p of a 1-D mesh over all processes."""
+    check_batch_size(batch_size, mesh)
+    slices = batch_sharded(mesh).addressable_devices_indices_map((batch_size,)).values()
+    bounds = sorted({index[0].indices(batch_size)[:2] for index in slices})
+    return np.concatenate([np.arange(start, stop) for start, stop in bounds])
+
+
+def host_batch_to_global(tree: Any, mesh: Mesh, batch_size: int | None = None) -> Any:
+    """Assembles each process's rows of a batch (`process_batch_rows`) into one global array
+    split over the mesh. With a single process this is `shard_batch`. `batch_size`: the global
+    batch size (default: inferred, each process holding an equal share)."""
     if jax.process_count() == 1:
         return shard_batch(tree, mesh)
     sharding = batch_sharded(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        sharding, x, None if batch_size is None else (batch_size, *x.shape[1:])), tree)
 
 
 def constrain_batch(tree: Any, mesh: Mesh) -> Any:
@@ -145,7 +157,9 @@ def constrain_batch(tree: Any, mesh: Mesh) -> Any:
 
 
 __all__ = [
-    "DATA_AXIS", "available_devices", "batch_sharded", "device_group", "check_batch_size", "constrain_batch", "host_batch_to_global",
+    "DATA_AXIS", "available_devices", "batch_sharded", "check_batch_size", "constrain_batch",
+    "device_group", "host_batch_to_global",
     "host_device_count_flag", "initialize_distributed", "make_data_mesh", "mesh_size",
+    "process_batch_rows",
     "replicate", "replicated", "set_host_device_count", "shard_batch",
 ]

@@ -471,15 +471,6 @@ def _eval_arrays(split: data_lib.ArraySplit, batch_size: int, mesh) -> _EvalArra
     return _EvalArrays(*arrays, size=n)
 
 
-def _pad_batch(images: np.ndarray, labels: np.ndarray, batch_size: int):
-    pad = batch_size - len(labels)
-    mask = np.arange(batch_size) < len(labels)
-    if pad:
-        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-        labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-    return images, labels, mask
-
-
 # ---------------------------------------------------------------------------------------------
 # The training loop
 
@@ -554,11 +545,13 @@ def _train(arch, config, data, rng, skeleton, model, start) -> TrainResult:
         train_step = _TimedFirstCall(steps.streamed_train_step())
         host_seed = int(jax.device_get(state.rng)[-1])
 
+        rows = sharding.process_batch_rows(mesh, config.batch_size)
+
         def epoch_batches(epoch: int) -> Iterator[tuple]:
-            for images, labels in data_lib.host_batches(
+            for images, labels, _ in data_lib.host_batches(
                     data.train, config.batch_size, seed=host_seed, epoch=epoch, train=True,
-                    num_threads=config.host_threads):
-                yield sharding.host_batch_to_global((images, labels), mesh)
+                    rows=rows, num_threads=config.host_threads):
+                yield sharding.host_batch_to_global((images, labels), mesh, config.batch_size)
 
     evaluator = _Evaluator(steps, data, config, mesh)
 
@@ -662,11 +655,11 @@ class _Evaluator:
                 totals = self._resident(variables, totals, arrays.images, arrays.labels,
                                         arrays.mask)
         else:
-            for images, labels in data_lib.host_batches(split, self._batch, seed=0, epoch=0,
-                                                        train=False, num_threads=self._threads):
-                batch = sharding.host_batch_to_global(_pad_batch(images, labels, self._batch),
-                                                      self._mesh)
-                totals = self._streamed(variables, totals, *batch)
+            rows = sharding.process_batch_rows(self._mesh, self._batch)
+            for batch in data_lib.host_batches(split, self._batch, seed=0, epoch=0, train=False,
+                                               rows=rows, num_threads=self._threads):
+                totals = self._streamed(variables, totals, *sharding.host_batch_to_global(
+                    batch, self._mesh, self._batch))
         return int(jax.device_get(totals["correct"])) / len(split)
 
 

@@ -293,13 +293,41 @@ def test_tfds_streaming_and_host_pipeline(tfds_dir, use_grain):
     assert not np.array_equal(np.concatenate([b[1] for b in epoch0]),
                               np.concatenate([b[1] for b in epoch1]))
     # Each image is constant (value i, label i % 3): crops keep the value.
-    for images, labels in epoch0:
+    for images, labels, _ in epoch0:
         values = images[:, 0, 0, 0]
         assert np.all(images == values[:, None, None, None])
         np.testing.assert_array_equal(values % 3, labels)
+    assert all(mask.all() for _, _, mask in epoch0)
     evaluation = batches(seed=0, epoch=0, train=False)
-    assert [len(b[1]) for b in evaluation] == [5, 5, 2]
-    assert sorted(np.concatenate([b[0][:, 0, 0, 0] for b in evaluation])) == list(range(12))
+    assert [len(b[1]) for b in evaluation] == [5, 5, 5]  # the last batch padded ...
+    assert [int(b[2].sum()) for b in evaluation] == [5, 5, 2]  # ... and masked
+    values = np.concatenate([b[0][:, 0, 0, 0] for b in evaluation])
+    assert sorted(values[np.concatenate([b[2] for b in evaluation])]) == list(range(12))
+    assert not evaluation[-1][0][2:].any() and not evaluation[-1][1][2:].any()
+
+
+@pytest.mark.parametrize("use_grain", [False, True], ids=["threads", "grain"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_host_shards_cover_each_global_batch_once(use_grain, train):
+    """Two hosts feeding rows [0, 4) and [4, 8) of each global batch of 8 together give the
+    single host's batches: same examples in the same places, same crops, same padding."""
+    if use_grain:
+        pytest.importorskip("grain", reason="grain (optional host pipeline) not installed")
+    records = [{"image": np.full((6, 6, 3), i, np.uint8), "label": i % 10} for i in range(19)]
+    split = data_lib.StreamingSplit(records, image_size=4, resize="imagenet")
+    batches = lambda rows=None: list(data_lib.host_batches(
+        split, 8, seed=3, epoch=1, train=train, rows=rows, use_grain=use_grain))
+    whole = batches()
+    hosts = [batches(range(0, 4)), batches(range(4, 8))]
+    assert len(whole) == len(hosts[0]) == len(hosts[1]) == (2 if train else 3)
+    for b, batch in enumerate(whole):
+        for part, joined in zip(batch, zip(*(host[b] for host in hosts))):
+            np.testing.assert_array_equal(part, np.concatenate(joined))
+    if not train:  # 19 = 8 + 8 + 3: the second host's last batch is padding only
+        assert hosts[0][2][2].tolist() == [True, True, True, False]
+        assert hosts[1][2][2].tolist() == [False] * 4
+    with pytest.raises(ValueError, match="positions in a batch of 8"):
+        batches([7, 8])
 
 
 def test_tfds_arrays_and_missing(tfds_dir):

@@ -58,8 +58,9 @@ try:
     error = ""
 except ValueError as e:
     error = str(e)
+rows = sharding.process_batch_rows(mesh, 8).tolist()
 print(json.dumps(dict(devices=jax.device_count(), shards=shards, total=float(total),
-                      replicas=len(params["w"].addressable_shards), error=error,
+                      replicas=len(params["w"].addressable_shards), error=error, rows=rows,
                       flag=sharding.host_device_count_flag())))
 '''
 
@@ -75,5 +76,6 @@ def test_four_host_devices_split_the_batch():
     assert out["devices"] == 4 and out["flag"] == 4
     assert out["shards"] == [[0, 2], [2, 2], [4, 2], [6, 2]]  # 2 rows per device
     assert out["replicas"] == 4
+    assert out["rows"] == list(range(8))  # one process feeds every row
     assert out["total"] == float(np.arange(24).sum() + 5)
     assert "batch size 6 must be a positive multiple of the 4 devices" in out["error"]
