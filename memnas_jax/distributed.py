@@ -3,8 +3,10 @@
 Every process of a job runs the same deterministic search: the same candidates, the same seeds,
 the same global batches. Each process drives its own local devices; jit over a mesh of all the
 global devices makes XLA insert the cross-host collectives. Only process 0 writes the search's
-state, logs, plots and reports (`is_writer`); orbax checkpoints are written by every process
-together (orbax coordinates them, so all processes must call save/restore).
+state, logs, plots, reports and controller (`is_writer`); the orbax checkpoints of candidate
+training are written by every process together (orbax coordinates them, so all processes call
+save/restore). The work directory must be on a filesystem that every process sees (NFS,
+Lustre, a FUSE-mounted bucket): on a resume every process reads the search state from it.
 
 Where the job's layout comes from, first match wins:
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import ml_collections
@@ -146,10 +148,20 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def same_on_all_processes(tree: Any) -> Any:
+    """Process 0's value of a pytree of arrays, on every process (`tree` itself for a lone
+    process)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils.broadcast_one_to_all(tree)
+
+
 def is_writer() -> bool:
     """Whether this process writes files (process 0; any lone process)."""
     return jax.process_index() == 0
 
 
 __all__ = ["ProcessLayout", "default_config", "initialize", "initialize_from_config",
-           "is_initialized", "is_writer", "resolve_layout", "sync_processes"]
+           "is_initialized", "is_writer", "resolve_layout", "same_on_all_processes",
+           "sync_processes"]

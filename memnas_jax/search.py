@@ -569,12 +569,19 @@ class _Search:
                           leaderboard_rows=out.leaderboard_rows)
 
     def latest_controller(self) -> controller_lib.ControllerState | None:
+        """The controller of the newest fit: in memory, else read from the work directory
+        (after a resume); an unreadable one is refitted from scratch, with a warning."""
         info = self.state.get("controller")
         if info is None:
             return None
         if self.controller_state_round != info["round"]:
-            self.controller_state = controller_lib.restore(self.workdir / info["path"])
-            self.controller_state_round = info["round"]
+            try:
+                self.controller_state = controller_lib.restore(self.workdir / info["path"])
+                self.controller_state_round = info["round"]
+            except (OSError, ValueError) as e:
+                logging.warning("controller of round %d unreadable (%s): refitting it on the "
+                                "candidates so far, without its warm start", info["round"], e)
+                self.fit_controller(self.state["rounds"][info["round"]], warm_start=False)
         return self.controller_state
 
     # ----- one round
@@ -660,11 +667,12 @@ class _Search:
             train_seconds=result.wall_seconds, compile_seconds=result.compile_seconds,
             images_per_second=result.images_per_second, message=message)
 
-    def fit_controller(self, rnd: dict) -> None:
-        """Refits the controller on every successful candidate so far, warm-started."""
+    def fit_controller(self, rnd: dict, warm_start: bool = True) -> None:
+        """Refits the controller on every successful candidate of the rounds up to `rnd`,
+        warm-started from the previous fit."""
         target = self.config.search.controller_target
         tokens, targets, groups = [], [], []
-        for r in self.state["rounds"]:
+        for r in self.state["rounds"][:rnd["round"] + 1]:
             for e in r["entries"]:
                 if e["status"] == "ok" and e["reward"] is not None:
                     tokens.append(from_json(e["architecture"]).to_tokens())
@@ -676,10 +684,16 @@ class _Search:
             return
         start = time.perf_counter()
         fitted = controller_lib.fit(
-            tokens, np.asarray(targets), np.asarray(groups), init_state=self.latest_controller(),
+            tokens, np.asarray(targets), np.asarray(groups),
+            init_state=self.latest_controller() if warm_start else None,
             config=controller_config(self.config, rnd["round"], self.skeleton.num_blocks))
+        # Every process fits the same controller; process 0's copy is the one all use, so a
+        # last-bit difference between hosts (GPU atomics) cannot make them plan different rounds.
+        fitted = dataclasses.replace(fitted, params=distributed.same_on_all_processes(
+            fitted.params))
         path = pathlib.Path(CONTROLLER_DIR) / f"round_{rnd['round']:03d}"
-        controller_lib.save(fitted, self.workdir / path, overwrite=True)
+        if self.writer:
+            controller_lib.save(fitted, self.workdir / path, overwrite=True)
         holdout_tau = fitted.holdout_tau if math.isfinite(fitted.holdout_tau) else None
         rnd["controller_holdout_tau"] = holdout_tau
         rnd["controller_fit"] = dict(num_candidates=len(tokens), steps=fitted.steps,
@@ -848,7 +862,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
 
 def _quiet_orbax_info() -> None:
-    """orbax logs a dozen INFO lines per controller save through absl: keep its warnings only."""
+    """orbax logs a dozen INFO lines per checkpoint save through absl: keep its warnings only."""
     import logging as py_logging  # pylint: disable=import-outside-toplevel
 
     class _DropOrbaxInfo(py_logging.Filter):

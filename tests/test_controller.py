@@ -116,6 +116,13 @@ def test_save_restore_gives_identical_predictions(trained, synthetic, tmp_path):
     controller.save(trained, path, overwrite=True)
     with pytest.raises(FileNotFoundError, match="controller.json"):
         controller.restore(tmp_path / "nowhere")
+    params = path / controller.PARAMS_FILE
+    params.write_bytes(params.read_bytes()[:-10])  # a write cut short
+    with pytest.raises(ValueError, match="params.msgpack is missing or corrupt"):
+        controller.restore(path)
+    (path / controller.META_FILE).write_text('{"format": ')
+    with pytest.raises(ValueError, match="controller.json is corrupt"):
+        controller.restore(path)
 
 
 def test_warm_start_keeps_what_was_learned(trained, synthetic):
