@@ -11,36 +11,12 @@ Rerunning the same command on the same --workdir resumes the search where it sto
 made with another config is refused unless --allow_config_change is given. Outputs (in --workdir):
 candidates.jsonl, best.json, best_architecture.json (for experiments/train_final.py --arch),
 leaderboard.md, pareto.png, trajectory.png, tensorboard/.
+
+One process of a multi-process job: add --coordinator_address=host:port --num_processes=N
+--process_id=i (or nothing where JAX detects the cluster itself: README, "Running on a pod").
 """
 
-from __future__ import annotations
-
-import pathlib
-import sys
-
-from absl import app, flags
-from ml_collections import config_flags
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run without installing
-
-from memnas_jax import search  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(pathlib.Path(__file__).resolve().parent / "configs" / "imagenet.py") + ":paper",
-    "Search config file and preset (path:preset; presets paper, resized32, test).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the search (created or "
-                               "resumed).", required=True)
-_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False, "Resume a workdir made with a different config.")
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    search.run_experiment(_CONFIG.value, _WORKDIR.value,
-                          allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-
+import search_main  # experiments/search_main.py, beside this script
 
 if __name__ == "__main__":
-    app.run(main)
+    search_main.run("imagenet.py", ("paper", "resized32", "test"))

@@ -1,4 +1,5 @@
-"""Settings shared by the experiment presets (cifar10.py, imagenet.py load this file)."""
+"""Settings shared by the experiment presets of `experiments/configs/` (cifar10.py, imagenet.py):
+one definition each of the small-controller and test-preset settings."""
 
 from __future__ import annotations
 
@@ -32,3 +33,6 @@ def test_preset(config: ml_collections.ConfigDict, image_size: int, num_classes:
         embed_dim=8, encoder_hidden=16, ranker_hidden=16, max_steps=40, eval_every=20,
         patience=1, set_size=4, sets_per_batch=2, holdout_fraction=0.0, predict_batch=64))
     config.output.update(dict(plots=True, tensorboard=True))
+
+
+__all__ = ["small_controller", "test_preset"]

@@ -35,7 +35,7 @@ import json, sys, threading
 sys.path.insert(0, "tests")
 import jax, numpy as np
 from memnas_jax import candidate_parallel, data as data_lib, sharding, train
-from test_train import TinyCNN
+from helpers import TinyCNN
 
 config = train.default_config()
 config.update(dict(epochs=2, batch_size=64, eval_batch_size=64, learning_rate=0.05,

@@ -109,7 +109,7 @@ joined = distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
 sys.path.insert(0, "tests")
 import jax, numpy as np
 from memnas_jax import data as data_lib, train
-from test_train import TinyCNN
+from helpers import TinyCNN
 config = train.default_config()
 config.update(dict(epochs=2, batch_size=64, eval_batch_size=64, learning_rate=0.05,
                    milestones=(2,), num_devices=0))
@@ -153,24 +153,30 @@ def test_two_processes_train_a_candidate_like_one_process_with_four_devices(tmp_
 
 
 SEARCH_SCRIPT = r'''
-import importlib.util, json, sys
-process_id, num_processes, port, workdir = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
-                                             sys.argv[4])
-from memnas_jax import distributed
-distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+import json, runpy, sys
+process_id, num_processes, port, workdir = sys.argv[1:5]
+# experiments/cifar10_search.py as a user runs it, on the test preset: rounds 0-1 fully trained
+# (2 candidates each), round 2 ranked by the controller (top 2), which every process fits and
+# process 0 saves. Candidates checkpoint every epoch, so every process takes part in orbax saves
+# and restores.
+sys.argv = ["cifar10_search.py", "--config=experiments/configs/cifar10.py:test",
+            f"--workdir={workdir}", "--config.search.candidate_checkpoints=True",
+            "--config.train.checkpoint_every_epochs=1", "--config.output.progress_bar=False",
+            "--config.output.plots=False", "--config.output.tensorboard=False"]
+if int(num_processes) > 1:
+    sys.argv += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+                 f"--process_id={process_id}"]
 from memnas_jax import search
-spec = importlib.util.spec_from_file_location("cifar10_config", "experiments/configs/cifar10.py")
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-config = module.get_config("test")
-# Two fully trained rounds of 3 candidates (no controller); candidates checkpoint every epoch,
-# so every process takes part in orbax saves and restores.
-config.search.update(dict(max_rounds=2, full_train_rounds=2, full_train_cap=3,
-                          candidate_checkpoints=True))
-config.train.update(dict(epochs=3, checkpoint_every_epochs=1))
-config.output.update(dict(progress_bar=False, plots=False, tensorboard=False))
-result = search.run_search(config, workdir)
-print(json.dumps(dict(hash=result.arch_hash, trained=result.num_trained)))
+run_experiment = search.run_experiment
+
+def run_and_print(*args, **kwargs):  # the main logs its result; print it for the test
+    result = run_experiment(*args, **kwargs)
+    print(json.dumps(dict(hash=result.arch_hash, trained=result.num_trained)), flush=True)
+    return result
+
+search.run_experiment = run_and_print
+sys.path.insert(0, "experiments")
+runpy.run_path("experiments/cifar10_search.py", run_name="__main__")
 '''
 
 
@@ -214,6 +220,7 @@ def test_killed_two_process_search_resumes_to_the_single_process_result(tmp_path
         p.stderr.close()
     killed_at = _done(workdir)
     assert 1 <= killed_at < 6
+    assert _done(tmp_path / "one") == 6
     resumed = [json.loads(out.strip().splitlines()[-1])
                for out in _finish(_launch(SEARCH_SCRIPT, 2, 2, str(workdir)))]
     assert resumed[0] == resumed[1]
@@ -222,7 +229,11 @@ def test_killed_two_process_search_resumes_to_the_single_process_result(tmp_path
     assert len(records) == len(expected) == 6
     assert [r["hash"] for r in records] == [r["hash"] for r in expected]
     for r, e in zip(records, expected):
-        assert (r["status"], r["epochs_done"]) == (e["status"], e["epochs_done"]) == ("ok", 3)
+        assert (r["status"], r["epochs_done"]) == (e["status"], e["epochs_done"]) == ("ok", 2)
         assert r["accuracy"] == pytest.approx(e["accuracy"], abs=1 / 64 + 1e-9)
+    from memnas_jax import controller, search  # pylint: disable=import-outside-toplevel
+    state = search.load_state(workdir)
+    assert [r["mode"] for r in state["rounds"]][-1] == "controller"
+    assert (workdir / state["controller"]["path"] / controller.PARAMS_FILE).exists()
     assert not (tmp_path / "one" / "candidate_checkpoints").exists() or not any(
         (tmp_path / "one" / "candidate_checkpoints").iterdir())

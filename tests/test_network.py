@@ -15,7 +15,7 @@ from memnas_jax.network import (MemNASNetwork, abstract_variables, block_input_c
                                 block_output_channels, count_params,
                                 init_network, network_plan, param_count)
 from memnas_jax.space import Skeleton, cifar_skeleton
-from test_ops import numpy_variables  # tests/ is on sys.path (pytest rootdir conftest)
+from helpers import numpy_variables  # tests/ is on sys.path (rootdir conftest)
 
 
 def random_architecture(rng: np.random.Generator, num_blocks: int = 5, max_cells: int = 3):
@@ -128,12 +128,7 @@ def test_removed_op_reading_block_input_in_stride_2_block_runs(golden_candidates
     runs.append((make_architecture([[(0, 0, "conv_3x3", None)], [(0, 0, None, "max_pool_3x3")]]),
                  TINY))
     for arch, skeleton in runs:
-        module = MemNASNetwork(arch, skeleton)
-        x = _images(skeleton=skeleton)
-        variables = numpy_variables(module, x, train=False)
-        logits = jax.jit(functools.partial(module.apply, train=False))(variables, x)
-        chex.assert_shape(logits, (2, 10))
-        chex.assert_tree_all_finite(logits)
+        variables = _checked_forward(arch, skeleton)
     assert variables["params"]["block2"]["cell1_op1"]["conv"]["kernel"].shape == (1, 1, 4, 4)
 
 
@@ -221,13 +216,18 @@ def test_flax_counts_equal_authors_breakdown_for_a_sample(golden_candidates, gol
 @pytest.mark.parametrize("seed", [0, 1])
 def test_forward_random_architectures(seed):
     skeleton = SKELETONS["cifar_doubling_conv1x1" if seed else "cifar_uniform"]
-    arch = _random_archs(100 + seed, 1)[0]
+    _checked_forward(_random_archs(100 + seed, 1)[0], skeleton)
+
+
+def _checked_forward(arch, skeleton: Skeleton) -> dict:
+    """Runs `arch` on two images; checks the logits' shape and finiteness; its variables."""
     module = MemNASNetwork(arch, skeleton)
     x = _images(skeleton=skeleton)
     variables = numpy_variables(module, x, train=False)
     logits = jax.jit(functools.partial(module.apply, train=False))(variables, x)
     chex.assert_shape(logits, (2, 10))
     chex.assert_tree_all_finite(logits)
+    return variables
 
 
 def test_batchnorm_train_updates_stats_and_eval_uses_them():

@@ -15,33 +15,9 @@ from memnas_jax.network import count_params
 from memnas_jax.ops import (DepthwiseConv, OpSettings, PoolOp, depthwise_conv_shifted, make_op,
                             op_param_count, same_padding)
 
+from helpers import numpy_variables  # tests/ is on sys.path (rootdir conftest)
+
 ALL_OPS = list(range(NUM_OPS)) + [None]
-
-
-def numpy_variables(module, x, seed=0, **apply_kwargs):
-    """Variables of `module` for input `x` (an array or ShapeDtypeStruct), filled from numpy.
-
-    Shapes come from `jax.eval_shape`; the values are drawn with numpy because flax's
-    initialisers compile one RNG kernel per parameter shape, which takes tens of seconds for a
-    network on 2 cores. Kernels ~ N(0, 1/fan_in), biases ~ N(0, 0.1), BN scales ~ 1 + N(0, 0.1),
-    running means 0 and variances 1 (a fresh BatchNorm)."""
-    rng = np.random.default_rng(seed)
-    x = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    abstract = jax.eval_shape(functools.partial(module.init, **apply_kwargs), jax.random.key(0), x)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            return jnp.asarray(rng.normal(size=leaf.shape) / math.sqrt(math.prod(leaf.shape[:-1])),
-                               leaf.dtype)
-        if name == "mean":
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        if name == "var":
-            return jnp.ones(leaf.shape, leaf.dtype)
-        offset = 1.0 if name == "scale" else 0.0
-        return jnp.asarray(offset + 0.1 * rng.normal(size=leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 # (in_channels, width, stride): shape-preserving, channel change, stride 2, both.

@@ -18,28 +18,10 @@ import pytest
 from memnas_jax import data as data_lib
 from memnas_jax import train
 from memnas_jax.encoding import uniform_architecture
+from helpers import TinyCNN  # tests/ is on sys.path (rootdir conftest)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NET53 = uniform_architecture([(0, 0, "fac_conv_7", "sep_conv_3x3")])
-
-TINY_MODEL_SOURCE = '''
-import flax.linen as nn
-
-class TinyCNN(nn.Module):
-    """conv (stride 4) -> BatchNorm -> ReLU -> Dense: 5,370 parameters on 32x32x3."""
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Conv(8, (3, 3), strides=4)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-        x = nn.relu(x).reshape(x.shape[0], -1)
-        return nn.Dense(self.num_classes)(x)
-'''
-_namespace: dict = {}
-exec(TINY_MODEL_SOURCE, _namespace)  # the same source runs in the multi-device subprocess
-TinyCNN = _namespace["TinyCNN"]
-
 
 def _config(**overrides):
     config = train.default_config()
@@ -172,7 +154,10 @@ def _rmtree(path: pathlib.Path) -> None:
     path.rmdir()
 
 
-MULTI_DEVICE_SCRIPT = TINY_MODEL_SOURCE + '''
+MULTI_DEVICE_SCRIPT = '''
+import sys
+sys.path.insert(0, "tests")
+from helpers import TinyCNN
 import json, jax, numpy as np
 from memnas_jax import data as data_lib, train
 assert jax.device_count() == 4, jax.devices()

@@ -19,22 +19,11 @@ Presets (override any field on the command line, e.g. `--config.reward.lam=0.8`)
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-from memnas_jax import search
+from memnas_jax import presets, search
 
 PRESETS = ("paper", "gpu", "smoke", "test")
-
-
-def _common():
-    path = pathlib.Path(__file__).resolve().with_name("common.py")
-    spec = importlib.util.spec_from_file_location("memnas_experiment_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
@@ -58,7 +47,7 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
                                  dtype="bfloat16", checkpoint_every_epochs=5))
         config.grow_trim.round0_combine_modes = ("add",)
         config.search.update(dict(max_rounds=8, full_train_cap=64, top_k=24))
-        _common().small_controller(config, max_steps=2000)
+        presets.small_controller(config, max_steps=2000)
     elif preset == "smoke":
         # One XLA device: with 2 host devices a starved device thread can stall an all-reduce past
         # XLA's 40 s collective timeout on a busy machine, which aborts the process.
@@ -71,8 +60,8 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
         config.grow_trim.round0_combine_modes = ("add",)
         config.search.update(dict(max_rounds=4, full_train_cap=5, top_k=3,
                                   candidate_checkpoints=False))
-        _common().small_controller(config, max_steps=400)
+        presets.small_controller(config, max_steps=400)
     elif preset == "test":
         config.search.candidate_checkpoints = False
-        _common().test_preset(config, image_size=16, num_classes=4)
+        presets.test_preset(config, image_size=16, num_classes=4)
     return config

@@ -17,22 +17,11 @@ Presets:
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-from memnas_jax import search
+from memnas_jax import presets, search
 
 PRESETS = ("paper", "resized32", "test")
-
-
-def _common():
-    path = pathlib.Path(__file__).resolve().with_name("common.py")
-    spec = importlib.util.spec_from_file_location("memnas_experiment_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
@@ -58,10 +47,10 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
         config.skeleton.width = 16
         config.train.epochs = 5
         config.search.update(dict(max_rounds=8, full_train_cap=64, top_k=24))
-        _common().small_controller(config, max_steps=2000)
+        presets.small_controller(config, max_steps=2000)
     elif preset == "test":
         config.search.candidate_checkpoints = False
-        _common().test_preset(config, image_size=32, num_classes=4)
+        presets.test_preset(config, image_size=32, num_classes=4)
         config.train.dtype = "float32"
         config.train.schedule = "step"
         config.train.warmup_epochs = 0
