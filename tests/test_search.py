@@ -9,12 +9,14 @@ training, a controller-ranked round, SIGKILL and resume).
 import dataclasses
 import importlib.util
 import json
+import logging
 import pathlib
 
 import jax
 import numpy as np
 import pytest
 
+from memnas_jax import controller as controller_lib
 from memnas_jax import reports, search
 from memnas_jax.encoding import from_json
 from memnas_jax.grow_trim import generate_candidates, initial_candidates
@@ -298,6 +300,28 @@ def test_corrupt_state_falls_back_to_the_previous_copy(tmp_path):
         (workdir / name).write_text("{not json")
     with pytest.raises(search.StateError, match="cannot resume.*state.json is unreadable"):
         search.run_search(config, workdir, train_fn=ScriptedTrainer())
+
+
+def test_corrupt_controller_is_refitted_on_resume(tmp_path, caplog):
+    """Killed in round 1 (ranked by the controller fitted after round 0), its controller file
+    then torn: the resumed search refits that controller (its fit had no warm start, so the
+    refit is the same) and ends exactly like the uninterrupted search."""
+    config = _config(max_rounds=3, full_train_rounds=1, full_train_cap=4, top_k=2,
+                     stop_when_no_improvement=False)
+    reference = search.run_search(config, tmp_path / "whole", train_fn=ScriptedTrainer())
+    workdir = tmp_path / "torn"
+    with pytest.raises(Interrupted):
+        search.run_search(config, workdir, train_fn=ScriptedTrainer(interrupt_after=5))
+    state = _state(workdir)
+    assert [r["mode"] for r in state["rounds"]][1] == "controller"
+    params = workdir / state["controller"]["path"] / controller_lib.PARAMS_FILE
+    params.write_bytes(params.read_bytes()[: len(params.read_bytes()) // 2])
+    with caplog.at_level(logging.WARNING):
+        resumed = search.run_search(config, workdir, train_fn=ScriptedTrainer())
+    assert "controller of round 0 unreadable" in caplog.text
+    assert resumed.arch_hash == reference.arch_hash and resumed.winners == reference.winners
+    assert (_without_timing(reports.read_candidates(workdir))
+            == _without_timing(reports.read_candidates(tmp_path / "whole")))
 
 
 def test_a_workdir_refuses_another_config_unless_allowed(tmp_path):
