@@ -5,7 +5,8 @@ Every output is a pure function of the state dict, rewritten whole and atomicall
 file:
 
 * `candidates.jsonl`: one line per trained candidate of each round (`candidate_records`);
-* `best.json`: the search's current answer, the last round winner (`best_record`), and
+* `best.json`: the search's current answer, the last round winner, and the Pareto front of all
+  trained candidates (`best_record`); and
   `best_architecture.json`: its `Architecture.to_json()` (for experiments/train_final.py --arch);
 * `leaderboard.md`: rounds, top candidates, Pareto front, in markdown (`leaderboard_markdown`);
 * `pareto.png`: accuracy vs total memory of every trained candidate, round winners marked and the
@@ -109,21 +110,38 @@ def winners(state: dict) -> list[dict]:
     return out
 
 
+_SUMMARY_FIELDS = ("round", "hash", "kind", "description", "cells_per_block", "accuracy",
+                   "reward", "param_count", "param_bytes", "working_bytes", "total_bytes",
+                   "test_accuracy", "architecture")
+
+
+def _answer_fields(record: dict) -> dict:
+    return {**{k: record.get(k) for k in _SUMMARY_FIELDS}, "total_mb": record["total_bytes"] / MB}
+
+
 def best_record(state: dict) -> dict:
-    """The search's answer: the last round winner (the base the next round would grow from)."""
+    """The search's answer: the last round winner (the base the next round would grow from), as
+    in the paper; and, since with short proxy training an earlier candidate may beat it on both
+    axes, the Pareto front (accuracy vs total memory) of every trained candidate, with whether
+    the winner is on it."""
     won = winners(state)
+    front = pareto_records(state)
     record = {"status": state["status"], "stop_reason": state.get("stop_reason"),
               "rounds_done": sum(r["phase"] == "done" for r in state["rounds"]),
               "num_trained": state.get("num_trained", 0), "config_hash": state["config_hash"],
-              "best": None}
-    if won:
-        w = won[-1]
-        record["best"] = {k: w.get(k) for k in (
-            "round", "hash", "kind", "description", "cells_per_block", "accuracy", "reward",
-            "param_count", "param_bytes", "working_bytes", "total_bytes", "test_accuracy")}
-        record["best"]["architecture"] = w["architecture"]
-        record["best"]["total_mb"] = w["total_bytes"] / MB
+              "best": _answer_fields(won[-1]) if won else None,
+              "best_on_pareto_front": (won[-1]["hash"] in {r["hash"] for r in front}
+                                       if won else None),
+              "pareto_front": [_answer_fields(r) for r in front]}
     return record
+
+
+def pareto_records(state: dict) -> list[dict]:
+    """The trained candidates on the accuracy / total-memory Pareto front, by increasing memory
+    (an architecture trained in several rounds counts once, with its first result)."""
+    unique = _unique_by_hash(_ok(candidate_records(state)))
+    return [unique[i] for i in pareto_front([r["accuracy"] for r in unique],
+                                            [r["total_bytes"] for r in unique])]
 
 
 def pareto_front(accuracy: Sequence[float], memory: Sequence[float]) -> list[int]:
@@ -177,7 +195,8 @@ def leaderboard_markdown(state: dict, rows: int = 20) -> str:
                      "trained." if rnd else "Running: starting.")
     if settings:
         lines += ["", "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + "."]
-    best = best_record(state)["best"]
+    answer = best_record(state)
+    best = answer["best"]
     lines += ["", "## Final architecture", ""]
     if best is None:
         lines.append("None yet.")
@@ -188,6 +207,10 @@ def leaderboard_markdown(state: dict, rows: int = 20) -> str:
                   f"MB (parameters {_mb(best['param_bytes'])} MB, {best['param_count']:,} "
                   f"values; working {_mb(best['working_bytes'])} MB).", "", "```",
                   str(from_json(best["architecture"])), "```"]
+        if not answer["best_on_pareto_front"]:
+            lines += ["", "It is not on the Pareto front: a candidate below is at least as "
+                      "accurate with no more memory (with short proxy training, accuracy "
+                      "differences between rounds may be noise)."]
 
     lines += ["", "## Rounds", ""]
     round_rows = []
@@ -214,9 +237,7 @@ def leaderboard_markdown(state: dict, rows: int = 20) -> str:
                     [[i + 1, r["round"], f"`{r['hash'][:10]}`", r["kind"], r["description"],
                       _pct(r["accuracy"]), _mb(r["total_bytes"]), _num(r["reward"])]
                      for i, r in enumerate(top)])
-    unique = _unique_by_hash(records)
-    front = [unique[i] for i in pareto_front([r["accuracy"] for r in unique],
-                                             [r["total_bytes"] for r in unique])]
+    front = pareto_records(state)
     lines += ["", "## Pareto front (accuracy vs total memory)", ""]
     lines += _table(["round", "hash", "acc %", "params MB", "working MB", "total MB"],
                     [[r["round"], f"`{r['hash'][:10]}`", _pct(r["accuracy"]),
@@ -417,7 +438,8 @@ __all__ = [
     "BEST_ARCHITECTURE_FILE", "BEST_FILE", "CANDIDATES_FILE", "LEADERBOARD_FILE", "PARETO_FILE",
     "TENSORBOARD_DIR",
     "TIMING_FIELDS", "TRAJECTORY_FILE", "best_record", "candidate_records",
-    "leaderboard_markdown", "pareto_front", "plot_pareto", "plot_trajectory", "read_candidates",
+    "leaderboard_markdown", "pareto_front", "pareto_records", "plot_pareto", "plot_trajectory",
+    "read_candidates",
     "tensorboard_scalars", "trained_entries", "winners", "write_all", "write_tables",
     "write_tensorboard", "write_text_atomic",
 ]

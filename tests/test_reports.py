@@ -71,6 +71,29 @@ def test_records_winner_and_best():
     assert best["best"]["total_mb"] == r0_winner["total_bytes"] / 1e6
 
 
+def test_best_json_lists_the_pareto_front():
+    state = _state()
+    ok = [r for r in reports.candidate_records(state) if r["status"] == "ok"]
+
+    def dominated(r):
+        return any(o["accuracy"] >= r["accuracy"] and o["total_bytes"] <= r["total_bytes"]
+                   and (o["accuracy"], o["total_bytes"]) != (r["accuracy"], r["total_bytes"])
+                   for o in ok)
+
+    best = reports.best_record(state)
+    front = best["pareto_front"]
+    assert {r["hash"] for r in front} == {r["hash"] for r in ok if not dominated(r)}
+    assert [r["total_bytes"] for r in front] == sorted(r["total_bytes"] for r in front)
+    assert best["best_on_pareto_front"] is True
+    # A round-1 candidate more accurate than the round-0 winner at less memory dominates it.
+    winner = reports.winners(state)[0]
+    state["rounds"][1]["entries"][0]["total_bytes"] = winner["total_bytes"] - 1
+    best = reports.best_record(state)
+    assert best["best_on_pareto_front"] is False
+    assert best["pareto_front"][0]["hash"] == state["rounds"][1]["entries"][0]["hash"]
+    assert "It is not on the Pareto front" in reports.leaderboard_markdown(state)
+
+
 def test_leaderboard_markdown():
     state = _state()
     text = reports.leaderboard_markdown(state, rows=3)
