@@ -24,19 +24,27 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 _HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+# XLA:CPU aborts the process when a device thread waits at a collective longer than this; on a
+# busy host a starved device thread can exceed a short limit, so allow an hour.
+_CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+CPU_COLLECTIVE_TIMEOUT_SECONDS = 3600
 
 
 def set_host_device_count(count: int) -> bool:
     """Asks XLA for `count` CPU devices (a 2-core host trains ~1.6x faster with 2 devices and the
-    batch sharded, jax_stack.md section 5). Effective only before JAX initialises its backends
-    (importing jax is fine; the first `jax.devices()` is not); returns False, changing nothing,
-    when it is too late or XLA_FLAGS already names a count."""
+    batch sharded, jax_stack.md section 5), with a long collective timeout. Effective only
+    before JAX initialises its backends (importing jax is fine; the first `jax.devices()` is
+    not); returns False, changing nothing, when it is too late or XLA_FLAGS already names a
+    count."""
     if count < 1:
         raise ValueError(f"host device count must be >= 1, got {count}")
     flags = os.environ.get("XLA_FLAGS", "")
     if _HOST_DEVICE_FLAG in flags or _backends_initialized():
         return False
-    os.environ["XLA_FLAGS"] = f"{flags} {_HOST_DEVICE_FLAG}={count}".strip()
+    flags = f"{flags} {_HOST_DEVICE_FLAG}={count}"
+    if _CPU_COLLECTIVE_TIMEOUT_FLAG not in flags:
+        flags += f" {_CPU_COLLECTIVE_TIMEOUT_FLAG}={CPU_COLLECTIVE_TIMEOUT_SECONDS}"
+    os.environ["XLA_FLAGS"] = flags.strip()
     return True
 
 
@@ -157,7 +165,7 @@ def constrain_batch(tree: Any, mesh: Mesh) -> Any:
 
 
 __all__ = [
-    "DATA_AXIS", "available_devices", "batch_sharded", "check_batch_size", "constrain_batch",
+    "CPU_COLLECTIVE_TIMEOUT_SECONDS", "DATA_AXIS", "available_devices", "batch_sharded", "check_batch_size", "constrain_batch",
     "device_group", "host_batch_to_global",
     "host_device_count_flag", "initialize_distributed", "make_data_mesh", "mesh_size",
     "process_batch_rows",
