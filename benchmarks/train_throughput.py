@@ -10,8 +10,9 @@ image (3x the XLA cost_analysis of the forward pass, the usual training estimate
 for the whole step, and the achieved model FLOP/s as a fraction of this CPU's fp32 peak
 (--peak_gflops, DESIGN.md: about 234 on the 2-core AMD EPYC here).
 
-Settings: 1 vs 2 XLA host devices (each count in its own subprocess, as XLA_FLAGS must be set
-before JAX starts) x depthwise_impl "xla" vs "shifted". The reference is the same network in
+Settings: 1 vs 2 XLA host devices x XLA:CPU's YNNPACK fusions off (what the mains run) / on
+(`--ynn_fusions=off,on`; each in its own subprocess, as XLA_FLAGS must be set before JAX starts)
+x depthwise_impl "xla" vs "shifted". The reference is the same network in
 PyTorch (CPU, channels_last, same batch, same thread count, SGD momentum step, no augmentation),
 checked equal by parameter count and by logits with the Flax weights copied in. Timings on a
 shared machine are noisy: the load column is the 1-minute load average when each row started.
@@ -32,6 +33,8 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from memnas_jax import sharding  # noqa: E402  (imports jax; starts no backend)
+
 _WIDTHS = flags.DEFINE_list("widths", ["32", "64"], "Block widths w (uniform schedule).")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2"], "XLA host device counts to compare.")
 _IMPLS = flags.DEFINE_list("impls", ["shifted", "xla"], "depthwise_impl settings.")
@@ -43,7 +46,10 @@ _TORCH_STEPS = flags.DEFINE_integer("torch_steps", 5, "Timed PyTorch steps (afte
 _PEAK = flags.DEFINE_float("peak_gflops", 234.0, "fp32 peak of this CPU in GFLOP/s.")
 _SKIP = flags.DEFINE_list("skip", [], "Settings to leave out, as net:width:impl (e.g. "
                           "six_cell:64:xla, minutes per step on 2 cores).")
+_YNN = flags.DEFINE_list("ynn_fusions", ["off"], "XLA:CPU YNNPACK fusions to compare: off "
+                         "(what the mains set, sharding.disable_cpu_ynn_fusions) and/or on.")
 _WORKER = flags.DEFINE_integer("worker_devices", 0, "Internal: run the JAX settings here.")
+_WORKER_YNN = flags.DEFINE_string("worker_ynn", "off", "Internal: the worker's YNN setting.")
 _OUT = flags.DEFINE_string("out", "", "Also write the rows as JSON to this file.")
 
 
@@ -109,7 +115,8 @@ def run_jax(devices: int) -> list[dict]:
                 timed = result.epoch_seconds[1:] or result.epoch_seconds
                 images_per_s = batch * _STEPS.value * len(timed) / sum(timed)
                 rows.append(dict(
-                    framework="jax", net=net_name, width=width, impl=impl, devices=devices,
+                    framework="jax", net=net_name, width=width,
+                    impl=impl if _WORKER_YNN.value == "off" else f"{impl}+ynn", devices=devices,
                     params=result.param_count, images_per_s=images_per_s,
                     compile_s=result.compile_seconds, model_flops=3 * fwd,
                     xla_step_flops=result.train_flops_per_image,
@@ -336,11 +343,17 @@ def main(argv):
     rows = []
     args = [f"--{f.name}={f.value if not isinstance(f.value, list) else ','.join(f.value)}"
             for f in (_WIDTHS, _IMPLS, _NETS, _BATCH, _STEPS, _EPOCHS, _PEAK, _SKIP)]
-    for devices in map(int, _DEVICES.value):
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                   f" --xla_force_host_platform_device_count={devices}").strip())
+    base_flags = os.environ.get("XLA_FLAGS", "")
+    for devices, ynn in [(d, y) for d in map(int, _DEVICES.value) for y in _YNN.value]:
+        os.environ["XLA_FLAGS"] = (f"{base_flags} --xla_force_host_platform_device_count="
+                                   f"{devices}").strip()
+        if ynn == "off":
+            sharding.disable_cpu_ynn_fusions()  # XLA_FLAGS for the worker, as the mains do
+        env = dict(os.environ)
+        os.environ["XLA_FLAGS"] = base_flags
         # Rows stream back as the worker prints them, so a long run shows progress.
-        with subprocess.Popen([sys.executable, __file__, f"--worker_devices={devices}", *args],
+        with subprocess.Popen([sys.executable, __file__, f"--worker_devices={devices}",
+                               f"--worker_ynn={ynn}", *args],
                               env=env, stdout=subprocess.PIPE, text=True) as proc:
             for line in proc.stdout:
                 if line.startswith("{"):

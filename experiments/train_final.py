@@ -42,6 +42,7 @@ def _format_bytes(n: int) -> str:
 def main(argv):
     del argv
     sharding.set_host_device_count(_HOST_DEVICES.value or min(os.cpu_count() or 1, 8))
+    sharding.disable_cpu_ynn_fusions()  # ~6x faster CPU convolutions (jaxlib 0.10)
     import jax  # pylint: disable=import-outside-toplevel
     from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
     from memnas_jax import train  # pylint: disable=import-outside-toplevel

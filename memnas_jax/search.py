@@ -106,6 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.resume_with_changed_config = False  # resume a workdir made with another config anyway
     c.host_device_count = 0  # > 0: this many XLA CPU devices (set by the experiment mains)
+    c.cpu_ynn_fusions = False  # keep XLA:CPU's YNNPACK fusions (~6x slower convs on our CPUs)
     trainer = train_lib.default_config()
     c.data = trainer.data
     c.skeleton = trainer.skeleton
@@ -877,11 +878,14 @@ def _quiet_orbax_info() -> None:
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                    allow_config_change: bool = False) -> SearchResult:
     """What the experiment mains run: joins a multi-process job when launched as one
-    (`jax.distributed`), asks for `config.host_device_count` CPU devices (before JAX starts its
+    (`jax.distributed`), asks for `config.host_device_count` CPU devices and, unless
+    `config.cpu_ynn_fusions`, turns XLA:CPU's slow YNNPACK fusions off (both before JAX starts its
     backends), then `run_search` and a closing log line."""
     from memnas_jax import sharding  # pylint: disable=import-outside-toplevel
     _quiet_orbax_info()
     distributed.initialize_from_config(config)
+    if not config.cpu_ynn_fusions:
+        sharding.disable_cpu_ynn_fusions()
     if config.host_device_count:
         if not sharding.set_host_device_count(config.host_device_count):
             logging.warning("could not set %d host devices (XLA_FLAGS already names a count, "

@@ -6,6 +6,12 @@ import pathlib
 
 import pytest
 
+from memnas_jax import sharding
+
+# As the experiment mains do: XLA:CPU's YNNPACK fusions make CPU convolutions several times
+# slower (README, "Throughput"). Before any test starts JAX's backends.
+sharding.disable_cpu_ynn_fusions()
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

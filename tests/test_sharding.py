@@ -47,6 +47,8 @@ FOUR_DEVICE_SCRIPT = '''
 import json, os
 from memnas_jax import sharding
 assert sharding.set_host_device_count(4)  # before the backend starts
+assert sharding.disable_cpu_ynn_fusions()
+assert not sharding.disable_cpu_ynn_fusions()  # already set: left alone
 import jax, jax.numpy as jnp, numpy as np
 mesh = sharding.make_data_mesh()
 batch = sharding.shard_batch(np.arange(8 * 3).reshape(8, 3), mesh)
@@ -60,9 +62,11 @@ except ValueError as e:
     error = str(e)
 rows = sharding.process_batch_rows(mesh, 8).tolist()
 timeout = "--xla_cpu_collective_call_terminate_timeout_seconds=3600" in os.environ["XLA_FLAGS"]
+ynn_off = os.environ["XLA_FLAGS"].endswith("--xla_cpu_experimental_ynn_fusion_type=")
 print(json.dumps(dict(devices=jax.device_count(), shards=shards, total=float(total),
                       replicas=len(params["w"].addressable_shards), error=error, rows=rows,
-                      timeout=timeout, flag=sharding.host_device_count_flag())))
+                      timeout=timeout, ynn_off=ynn_off,
+                      flag=sharding.host_device_count_flag())))
 '''
 
 
@@ -79,5 +83,14 @@ def test_four_host_devices_split_the_batch():
     assert out["replicas"] == 4
     assert out["rows"] == list(range(8))  # one process feeds every row
     assert out["timeout"]  # XLA:CPU's collective abort pushed back with the device count
+    assert out["ynn_off"]  # and XLA accepted the flag (an unknown one aborts at start-up)
     assert out["total"] == float(np.arange(24).sum() + 5)
     assert "batch size 6 must be a positive multiple of the 4 devices" in out["error"]
+
+
+def test_xla_flags_are_checked_against_the_installed_jaxlib(monkeypatch):
+    assert sharding._xla_knows_flag("xla_force_host_platform_device_count")
+    assert not sharding._xla_knows_flag("xla_cpu_no_such_flag_for_memnas")
+    jax.devices()  # the backend is up: too late
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert not sharding.disable_cpu_ynn_fusions() and os.environ["XLA_FLAGS"] == ""
