@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 from typing import Any, NamedTuple, Sequence
@@ -50,7 +49,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from memnas_jax import ranking
+from memnas_jax import ranking, reports
 
 LOSSES = ("pairwise", "mse")
 FIELD_MERGES = ("sum", "concat")
@@ -561,18 +560,9 @@ def save(state: ControllerState, path: str | pathlib.Path, overwrite: bool = Fal
             "target_scale": state.target_scale, "steps": state.steps,
             "holdout_tau": None if np.isnan(state.holdout_tau) else state.holdout_tau,
             "params_sha256": hashlib.sha256(params).hexdigest()}
-    _write_atomically(path / PARAMS_FILE, params)
-    _write_atomically(path / META_FILE, json.dumps(meta, indent=1).encode())
+    reports.write_text_atomic(path / PARAMS_FILE, params)
+    reports.write_text_atomic(path / META_FILE, json.dumps(meta, indent=1))
     return path
-
-
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def restore(path: str | pathlib.Path) -> ControllerState:

@@ -52,13 +52,14 @@ _ENTRY_FIELDS = ("hash", "kind", "description", "cells_per_block", "param_count"
 # Atomic files
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temp file in the same folder and `os.replace`, so the
-    file is either the old one or the new one, never a mix."""
+def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> None:
+    """Writes `text` (str, as UTF-8, or bytes) to `path` through a temp file in the same folder
+    and `os.replace`, so the file is either the old one or the new one, never a mix."""
     path = pathlib.Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with (os.fdopen(fd, "wb") if isinstance(text, bytes)
+              else os.fdopen(fd, "w", encoding="utf-8")) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -110,13 +111,13 @@ def winners(state: dict) -> list[dict]:
     return out
 
 
-_SUMMARY_FIELDS = ("round", "hash", "kind", "description", "cells_per_block", "accuracy",
+_ANSWER_FIELDS = ("round", "hash", "kind", "description", "cells_per_block", "accuracy",
                    "reward", "param_count", "param_bytes", "working_bytes", "total_bytes",
                    "test_accuracy", "architecture")
 
 
 def _answer_fields(record: dict) -> dict:
-    return {**{k: record.get(k) for k in _SUMMARY_FIELDS}, "total_mb": record["total_bytes"] / MB}
+    return {**{k: record.get(k) for k in _ANSWER_FIELDS}, "total_mb": record["total_bytes"] / MB}
 
 
 def best_record(state: dict) -> dict:
@@ -237,7 +238,7 @@ def leaderboard_markdown(state: dict, rows: int = 20) -> str:
                     [[i + 1, r["round"], f"`{r['hash'][:10]}`", r["kind"], r["description"],
                       _pct(r["accuracy"]), _mb(r["total_bytes"]), _num(r["reward"])]
                      for i, r in enumerate(top)])
-    front = pareto_records(state)
+    front = answer["pareto_front"]
     lines += ["", "## Pareto front (accuracy vs total memory)", ""]
     lines += _table(["round", "hash", "acc %", "params MB", "working MB", "total MB"],
                     [[r["round"], f"`{r['hash'][:10]}`", _pct(r["accuracy"]),

@@ -42,11 +42,15 @@ def set_host_device_count(count: int) -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if _HOST_DEVICE_FLAG in flags or _backends_initialized():
         return False
-    flags = f"{flags} {_HOST_DEVICE_FLAG}={count}"
-    if _CPU_COLLECTIVE_TIMEOUT_FLAG not in flags:
-        flags += f" {_CPU_COLLECTIVE_TIMEOUT_FLAG}={CPU_COLLECTIVE_TIMEOUT_SECONDS}"
-    os.environ["XLA_FLAGS"] = flags.strip()
+    os.environ["XLA_FLAGS"] = _with_flag(_with_flag(flags, _HOST_DEVICE_FLAG, count),
+                                         _CPU_COLLECTIVE_TIMEOUT_FLAG,
+                                         CPU_COLLECTIVE_TIMEOUT_SECONDS)
     return True
+
+
+def _with_flag(flags: str, name: str, value: Any) -> str:
+    """XLA_FLAGS text `flags` with `name=value` appended, unless it already sets `name`."""
+    return flags if name in flags else f"{flags} {name}={value}".strip()
 
 
 _YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
@@ -64,7 +68,7 @@ def disable_cpu_ynn_fusions() -> bool:
     if (_YNN_FUSION_FLAG in flags or _backends_initialized()
             or not _xla_knows_flag(_YNN_FUSION_FLAG[2:])):
         return False
-    os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FUSION_FLAG}=".strip()
+    os.environ["XLA_FLAGS"] = _with_flag(flags, _YNN_FUSION_FLAG, "")
     return True
 
 
@@ -183,15 +187,14 @@ def process_batch_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
     return np.concatenate([np.arange(start, stop) for start, stop in bounds])
 
 
-def host_batch_to_global(tree: Any, mesh: Mesh, batch_size: int | None = None) -> Any:
-    """Assembles each process's rows of a batch (`process_batch_rows`) into one global array
-    split over the mesh. With a single process this is `shard_batch`. `batch_size`: the global
-    batch size (default: inferred, each process holding an equal share)."""
+def host_batch_to_global(tree: Any, mesh: Mesh, batch_size: int) -> Any:
+    """Assembles each process's rows (`process_batch_rows`) of a global batch of `batch_size`
+    into one global array split over the mesh. With a single process this is `shard_batch`."""
     if jax.process_count() == 1:
         return shard_batch(tree, mesh)
     sharding = batch_sharded(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        sharding, x, None if batch_size is None else (batch_size, *x.shape[1:])), tree)
+        sharding, x, (batch_size, *x.shape[1:])), tree)
 
 
 def constrain_batch(tree: Any, mesh: Mesh) -> Any:
@@ -201,7 +204,8 @@ def constrain_batch(tree: Any, mesh: Mesh) -> Any:
 
 
 __all__ = [
-    "CPU_COLLECTIVE_TIMEOUT_SECONDS", "DATA_AXIS", "available_devices", "batch_sharded", "check_batch_size", "constrain_batch",
+    "CPU_COLLECTIVE_TIMEOUT_SECONDS", "DATA_AXIS", "available_devices", "batch_sharded",
+    "check_batch_size", "constrain_batch",
     "device_group", "disable_cpu_ynn_fusions", "host_batch_to_global",
     "host_device_count_flag", "initialize_distributed", "make_data_mesh", "mesh_size",
     "process_batch_rows",

@@ -636,6 +636,7 @@ class _Evaluator:
 
     def __init__(self, steps: _StepFactory, data: data_lib.Dataset, config, mesh):
         self._mesh, self._batch, self._threads = mesh, config.eval_batch_size, config.host_threads
+        self._rows = sharding.process_batch_rows(mesh, config.eval_batch_size)  # streamed splits
         self._resident = _TimedFirstCall(steps.resident_eval_step())
         self._streamed = _TimedFirstCall(steps.eval_step())
         self._arrays: dict[int, _EvalArrays] = {}
@@ -655,9 +656,8 @@ class _Evaluator:
                 totals = self._resident(variables, totals, arrays.images, arrays.labels,
                                         arrays.mask)
         else:
-            rows = sharding.process_batch_rows(self._mesh, self._batch)
             for batch in data_lib.host_batches(split, self._batch, seed=0, epoch=0, train=False,
-                                               rows=rows, num_threads=self._threads):
+                                               rows=self._rows, num_threads=self._threads):
                 totals = self._streamed(variables, totals, *sharding.host_batch_to_global(
                     batch, self._mesh, self._batch))
         return int(jax.device_get(totals["correct"])) / len(split)

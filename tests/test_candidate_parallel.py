@@ -63,13 +63,17 @@ print(json.dumps(dict(groups=[[d.id for d in g] for g in groups], parallel=paral
 '''
 
 
-def test_two_groups_of_two_devices_match_sequential_training():
+def _run_with_four_devices(script: str) -> dict:
+    """Runs `script` in a process with 4 CPU devices; the JSON of its last output line."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, "-c", GROUPS_SCRIPT], env=env, cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+def test_two_groups_of_two_devices_match_sequential_training():
+    out = _run_with_four_devices(GROUPS_SCRIPT)
     assert out["groups"] == [[0, 1], [2, 3]]
     # Seeds 0 and 2 on group 0, seed 1 on group 1; the sequential runs all on devices 0-1.
     assert [p["devices"] for p in out["parallel"]] == [[0, 1], [2, 3], [0, 1]]
@@ -132,12 +136,7 @@ print(json.dumps(dict(
 
 
 def test_search_with_candidate_groups_equals_the_sequential_search_and_resumes():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, "-c", SEARCH_SCRIPT], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _run_with_four_devices(SEARCH_SCRIPT)
     assert out["meshes_one"] == [[0, 1, 2, 3]]
     assert out["meshes_two"] == [[0, 1], [2, 3]]
     assert out["done_at_kill"] == 4  # the chunk holding the 5th and 6th candidates is lost
