@@ -1,7 +1,8 @@
 r"""MemNAS search on CIFAR-10.
 
-    python experiments/cifar10_search.py --config=experiments/configs/cifar10.py:smoke \
-        --workdir=/tmp/memnas_smoke [--config.reward.lam=0.8] [--config.memory.budget_mb=6]
+    python experiments/cifar10_search.py --workdir=/tmp/first     # the "auto" preset
+    python experiments/cifar10_search.py --config=experiments/configs/cifar10.py:paper \
+        --workdir=/tmp/memnas_paper [--config.reward.lam=0.8] [--config.memory.budget_mb=6]
 
 Rerunning the same command on the same --workdir resumes the search where it stopped. A workdir
 made with another config is refused unless --allow_config_change is given. Outputs (in --workdir):
@@ -13,6 +14,7 @@ One process of a multi-process job: add --coordinator_address=host:port --num_pr
 """
 
 import search_main  # experiments/search_main.py, beside this script
+from configs import cifar10  # experiments/configs/cifar10.py
 
 if __name__ == "__main__":
-    search_main.run("cifar10.py", ("paper", "gpu", "smoke", "test"))
+    search_main.run("cifar10.py", cifar10.PRESETS, cifar10.auto_preset)

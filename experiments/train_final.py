@@ -4,7 +4,8 @@
         [--config=experiments/configs/train_final.py:smoke] [--config.epochs=10]
 
 --arch is an `Architecture.to_json()` file. Checkpoints go to <workdir>/checkpoints (rerunning
-the same command resumes), the result to <workdir>/result.json. On a CPU host the run uses
+the same command resumes), compiled programs to <workdir>/xla_cache, the result to
+<workdir>/result.json. On a CPU host the run uses
 `--host_devices` XLA devices (default: one per core, up to 8) with the batch split over them.
 """
 
@@ -41,20 +42,49 @@ def _format_bytes(n: int) -> str:
 
 def main(argv):
     del argv
+    from memnas_jax import errors  # pylint: disable=import-outside-toplevel
+    return errors.exit_on_user_error(_main)
+
+
+def _read_architecture(path: str):
+    from memnas_jax.encoding import Architecture, EncodingError  # pylint: disable=import-outside-toplevel
+    from memnas_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+    try:
+        text = pathlib.Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"cannot read --arch={path} ({e.strerror or e})") from None
+    try:
+        return Architecture.from_json(text)
+    except EncodingError as e:
+        raise UserError(f"--arch={path} is not a valid architecture JSON "
+                        f"(Architecture.to_json, e.g. a search's best_architecture.json): {e}"
+                        ) from None
+
+
+def _main():
     sharding.set_host_device_count(_HOST_DEVICES.value or min(os.cpu_count() or 1, 8))
     sharding.disable_cpu_ynn_fusions()  # ~6x faster CPU convolutions (jaxlib 0.10)
     import jax  # pylint: disable=import-outside-toplevel
     from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
     from memnas_jax import train  # pylint: disable=import-outside-toplevel
-    from memnas_jax.encoding import Architecture  # pylint: disable=import-outside-toplevel
+    from memnas_jax.errors import WorkdirError  # pylint: disable=import-outside-toplevel
+    from memnas_jax.io import atomic_write  # pylint: disable=import-outside-toplevel
 
     sharding.initialize_distributed()
     config = _CONFIG.value
     workdir = pathlib.Path(_WORKDIR.value)
-    workdir.mkdir(parents=True, exist_ok=True)
-    arch = Architecture.from_json(pathlib.Path(_ARCH.value).read_text())
+    arch = _read_architecture(_ARCH.value)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / ".write_test").write_bytes(b"")
+        (workdir / ".write_test").unlink()
+    except OSError as e:
+        raise WorkdirError(f"cannot write the work directory {workdir} ({e.strerror or e}); "
+                           "choose another --workdir") from None
     if not config.checkpoint_dir:
         config.checkpoint_dir = str(workdir / "checkpoints")
+    config.compilation_cache_dir = train.compilation_cache_path(config.compilation_cache_dir,
+                                                                workdir)
 
     dataset = data_lib.load_dataset(config.data)
     skeleton = train.skeleton_from_config(config, dataset)
@@ -81,7 +111,7 @@ def main(argv):
         lines += [f"parameter memory: {_format_bytes(memory.param_bytes)}",
                   f"working memory: {_format_bytes(memory.working_bytes)}",
                   f"total memory: {_format_bytes(memory.total_bytes)}"]
-    (workdir / "result.json").write_text(json.dumps(report, indent=2, default=str))
+    atomic_write(workdir / "result.json", json.dumps(report, indent=2, default=str))
     print("\n".join(lines))
     return 0 if result.ok else 1
 

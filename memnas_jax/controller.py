@@ -49,7 +49,8 @@ import numpy as np
 import optax
 from flax import serialization
 
-from memnas_jax import ranking, reports
+from memnas_jax import ranking
+from memnas_jax.io import atomic_write
 
 LOSSES = ("pairwise", "mse")
 FIELD_MERGES = ("sum", "concat")
@@ -560,8 +561,8 @@ def save(state: ControllerState, path: str | pathlib.Path, overwrite: bool = Fal
             "target_scale": state.target_scale, "steps": state.steps,
             "holdout_tau": None if np.isnan(state.holdout_tau) else state.holdout_tau,
             "params_sha256": hashlib.sha256(params).hexdigest()}
-    reports.write_text_atomic(path / PARAMS_FILE, params)
-    reports.write_text_atomic(path / META_FILE, json.dumps(meta, indent=1))
+    atomic_write(path / PARAMS_FILE, params)
+    atomic_write(path / META_FILE, json.dumps(meta, indent=1))
     return path
 
 

@@ -12,8 +12,8 @@ Two kinds of splits:
   flip / normalisation code to each batch.
 
 CIFAR comes from `.npz` copies (arrays `image` uint8 NHWC and `label`: `config.npz_dir`, or
-`$MEMNAS_DATA_DIR/<name>/{train,test}.npz`) or from a prepared TFDS dataset; nothing here ever
-downloads. The validation split used for search-time selection is held out of the training set,
+`<$MEMNAS_DATA_DIR or ~/.cache/memnas_jax/data>/<name>/{train,test}.npz`), from a prepared TFDS
+dataset, or else is downloaded once into that cache (`memnas_jax.download`, `config.download`). The validation split used for search-time selection is held out of the training set,
 stratified and deterministic in `validation_seed`.
 """
 
@@ -30,7 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-DATA_DIR_ENV = "MEMNAS_DATA_DIR"
+from memnas_jax import download as download_lib
+from memnas_jax.errors import UserError
+
+DATA_DIR_ENV = download_lib.DATA_DIR_ENV
 
 # Per-channel statistics on the [0, 1] scale. CIFAR-10: the authors' Normalize
 # (mean [125.3, 123.0, 113.9] / 255, std [63.0, 62.1, 66.7] / 255, memnas_method.md 6.2).
@@ -48,7 +51,7 @@ SOURCES = ("auto", "npz", "tfds")
 SUBSET_MODES = ("stratified", "first")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """No local copy of a dataset; the message says every way to provide one."""
 
 
@@ -61,8 +64,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "cifar10"  # one of DATASET_NAMES
     c.source = "auto"  # "auto": npz when a copy is found, else TFDS; or force "npz" / "tfds"
-    c.npz_dir = ""  # folder holding train.npz and test.npz ("" = $MEMNAS_DATA_DIR/<name>)
+    # folder holding train.npz and test.npz ("" = <$MEMNAS_DATA_DIR or ~/.cache/memnas_jax/data>/<name>)
+    c.npz_dir = ""
     c.tfds_data_dir = ""  # "" = the TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+    # CIFAR-10/100 with no local copy: download the official archive once (memnas_jax.download)
+    c.download = True
     c.validation_size = 5000  # held out of the training set for search-time selection; 0 = none
     c.validation_seed = 0
     c.train_subset = 0  # 0 = whole split; else this many examples (smoke runs)
@@ -242,19 +248,19 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
         test=subset(dataset.test, config.test_subset, mode))
 
 
-def _npz_dir(name: str, config: ml_collections.ConfigDict) -> pathlib.Path | None:
+def _npz_dir(name: str, config: ml_collections.ConfigDict) -> pathlib.Path:
+    """config.npz_dir, else <$MEMNAS_DATA_DIR or the user cache folder>/<name>."""
     if config.npz_dir:
         return pathlib.Path(config.npz_dir)
-    if os.environ.get(DATA_DIR_ENV):
-        return pathlib.Path(os.environ[DATA_DIR_ENV]) / name
-    return None
+    return download_lib.cache_root() / name
 
 
 def _not_found(name: str, config: ml_collections.ConfigDict, details: Sequence[str]
                ) -> DatasetNotFoundError:
     tfds_dir = config.tfds_data_dir or "$TFDS_DATA_DIR or ~/tensorflow_datasets"
     return DatasetNotFoundError(
-        f"dataset {name!r} not found ({'; '.join(details)}). Provide it one of two ways:\n"
+        f"dataset {name!r} not found ({'; '.join(details)}). Provide it one of two ways "
+        "(or rerun where the download works):\n"
         f"  1. .npz copies (arrays 'image' uint8 NHWC and 'label'): set {DATA_DIR_ENV} to a folder "
         f"holding {name}/train.npz and {name}/test.npz, or set config.data.npz_dir to the folder "
         f"holding train.npz and test.npz;\n"
@@ -270,23 +276,31 @@ def _load_cifar(name: str, config: ml_collections.ConfigDict) -> Dataset:
     details: list[str] = []
     splits = None
     if config.source in ("auto", "npz"):
-        if npz_dir is not None and (npz_dir / "train.npz").exists():
-            test = load_npz(npz_dir / "test.npz") if (npz_dir / "test.npz").exists() else None
-            splits = (load_npz(npz_dir / "train.npz"), test)
+        if (npz_dir / "train.npz").exists():
+            splits = _npz_splits(npz_dir)
         else:
-            details.append(f"no {npz_dir / 'train.npz'}" if npz_dir else
-                           f"{DATA_DIR_ENV} and config.data.npz_dir are unset")
+            details.append(f"no {npz_dir / 'train.npz'}")
     if config.source == "tfds" or (config.source == "auto" and splits is None):
         try:
             splits = load_tfds_arrays(name, ("train", "test"), config.tfds_data_dir)
         except DatasetNotFoundError as e:
             details.append(str(e))
+    if splits is None and config.source != "tfds" and config.get("download", False):
+        try:
+            splits = _npz_splits(download_lib.ensure_cifar(name, npz_dir))
+        except download_lib.DownloadError as e:
+            details.append(f"download failed: {e}")
     if splits is None:
         raise _not_found(name, config, details)
     train, test = splits
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     _check_labels(train, CIFAR_NAMES[name], name)
     return Dataset(name, CIFAR_NAMES[name], train.images.shape[1:], train, None, test, mean, std)
+
+
+def _npz_splits(folder: pathlib.Path) -> tuple[ArraySplit, ArraySplit | None]:
+    test = load_npz(folder / "test.npz") if (folder / "test.npz").exists() else None
+    return load_npz(folder / "train.npz"), test
 
 
 def _check_labels(split: ArraySplit, num_classes: int, name: str) -> None:

@@ -24,6 +24,8 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from memnas_jax.errors import UserError
+
 OP_NAMES: tuple[str, ...] = (
     "avg_pool_3x3",
     "max_pool_3x3",
@@ -53,7 +55,7 @@ TOKEN_WIDTH = len(TOKEN_FIELDS)
 TOKEN_REMOVED_OP = NUM_OPS  # token value of a removed op (ops are 0..6)
 
 
-class EncodingError(ValueError):
+class EncodingError(UserError, ValueError):
     """An invalid encoding; the message names the block, cell and field (1-based block/cell)."""
 
     def __init__(self, message: str, block: int | None = None, cell: int | None = None,

@@ -3,7 +3,35 @@ one definition each of the small-controller and test-preset settings."""
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
+
 import ml_collections
+
+# JAX's accelerator plugins, by platform.
+_GPU_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm7_plugin", "jax_rocm60_plugin")
+_TPU_PLUGINS = ("libtpu",)
+
+
+def detect_accelerator() -> tuple[str, str]:
+    """("cpu" | "gpu" | "tpu", why), read without starting JAX's backends: a preset is chosen while
+    the flags are parsed, before the job's distributed setup and XLA flags, which must come
+    first. JAX_PLATFORMS decides when set; else a platform needs both JAX's plugin for it and
+    the device files (a plugin on a machine without the device falls back to the CPU)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        first = platforms.split(",")[0].strip().lower()
+        kind = "gpu" if first in ("cuda", "rocm", "gpu") else first
+        return kind, f"JAX_PLATFORMS={platforms}"
+    installed = lambda names: [n for n in names if importlib.util.find_spec(n)]  # noqa: E731
+    gpu_plugins = installed(_GPU_PLUGINS)
+    if gpu_plugins and (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+        return "gpu", f"{gpu_plugins[0]} is installed and a GPU device is present"
+    tpu_plugins = installed(_TPU_PLUGINS)
+    if tpu_plugins and (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+        return "tpu", f"{tpu_plugins[0]} is installed and a TPU device is present"
+    return "cpu", "no GPU or TPU found (a JAX accelerator plugin and its device)"
 
 
 def small_controller(config: ml_collections.ConfigDict, max_steps: int) -> None:
@@ -35,4 +63,4 @@ def test_preset(config: ml_collections.ConfigDict, image_size: int, num_classes:
     config.output.update(dict(plots=True, tensorboard=True))
 
 
-__all__ = ["small_controller", "test_preset"]
+__all__ = ["detect_accelerator", "small_controller", "test_preset"]

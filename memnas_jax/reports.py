@@ -30,6 +30,8 @@ from typing import Any, Iterable, Sequence
 
 from absl import logging
 
+from memnas_jax.io import atomic_write
+
 CANDIDATES_FILE = "candidates.jsonl"
 BEST_FILE = "best.json"
 BEST_ARCHITECTURE_FILE = "best_architecture.json"  # Architecture.to_json(): train_final.py --arch
@@ -50,24 +52,6 @@ _ENTRY_FIELDS = ("hash", "kind", "description", "cells_per_block", "param_count"
 
 # ---------------------------------------------------------------------------------------------
 # Atomic files
-
-
-def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> None:
-    """Writes `text` (str, as UTF-8, or bytes) to `path` through a temp file in the same folder
-    and `os.replace`, so the file is either the old one or the new one, never a mix."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with (os.fdopen(fd, "wb") if isinstance(text, bytes)
-              else os.fdopen(fd, "w", encoding="utf-8")) as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _json(value: Any) -> str:
@@ -407,14 +391,14 @@ def write_tables(state: dict, workdir: str | os.PathLike, leaderboard_rows: int 
     """candidates.jsonl, best.json and leaderboard.md (cheap: after every trained candidate)."""
     workdir = pathlib.Path(workdir)
     lines = [json.dumps(r, sort_keys=True, allow_nan=False) for r in candidate_records(state)]
-    write_text_atomic(workdir / CANDIDATES_FILE, "".join(line + "\n" for line in lines))
+    atomic_write(workdir / CANDIDATES_FILE, "".join(line + "\n" for line in lines))
     best = best_record(state)
-    write_text_atomic(workdir / BEST_FILE, _json(best) + "\n")
+    atomic_write(workdir / BEST_FILE, _json(best) + "\n")
     if best["best"] is not None:
         from memnas_jax.encoding import from_json  # pylint: disable=import-outside-toplevel
-        write_text_atomic(workdir / BEST_ARCHITECTURE_FILE,
+        atomic_write(workdir / BEST_ARCHITECTURE_FILE,
                           from_json(best["best"]["architecture"]).to_json(indent=1) + "\n")
-    write_text_atomic(workdir / LEADERBOARD_FILE, leaderboard_markdown(state, leaderboard_rows))
+    atomic_write(workdir / LEADERBOARD_FILE, leaderboard_markdown(state, leaderboard_rows))
 
 
 def write_all(state: dict, workdir: str | os.PathLike, *, plots: bool = True,
@@ -442,5 +426,5 @@ __all__ = [
     "leaderboard_markdown", "pareto_front", "pareto_records", "plot_pareto", "plot_trajectory",
     "read_candidates",
     "tensorboard_scalars", "trained_entries", "winners", "write_all", "write_tables",
-    "write_tensorboard", "write_text_atomic",
+    "write_tensorboard",
 ]

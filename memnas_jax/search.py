@@ -10,8 +10,11 @@ One round (DESIGN.md sections 1, 6, 7; memnas_method.md 2.2):
    `search.full_train_cap`, a seeded sample of that many); later the controller's top
    `search.top_k` of all remaining candidates (a seeded sample of that many while no controller
    could be fitted yet);
-4. train them one by one (`train.train_candidate`); a failed or diverged candidate is recorded
-   and the search goes on;
+4. train them one by one (`train.train_candidate`), the next candidates' programs compiling in
+   background threads meanwhile (`memnas_jax.compile_ahead`, `parallel.compile_ahead`) and every
+   compiled program kept in the persistent compilation cache (`train.compilation_cache_dir`,
+   default <workdir>/xla_cache); a failed or diverged candidate is recorded and the search goes
+   on;
 5. select: the reward (`reward.memory_efficient_reward`) of each candidate relative to the round's
    reference, the base network for rounds >= 1. Round 0 has no base: its reference is the median
    accuracy / parameter memory / working memory of the round's trained candidates, and its winner
@@ -57,12 +60,15 @@ import numpy as np
 from absl import logging
 
 from memnas_jax import candidate_parallel
+from memnas_jax.compile_ahead import CompileAhead, resolve_depth
 from memnas_jax import controller as controller_lib
 from memnas_jax import data as data_lib
 from memnas_jax import distributed
 from memnas_jax import ranking, reports
 from memnas_jax import train as train_lib
 from memnas_jax.encoding import NUM_OPS, Architecture, from_json
+from memnas_jax.errors import ConfigError, UserError, WorkdirError
+from memnas_jax.io import atomic_write
 from memnas_jax.grow_trim import Candidate, GrowTrimOptions, generate_candidates, initial_candidates
 from memnas_jax.memory import CONVENTIONS, memory_report
 from memnas_jax.reward import RewardConfig, memory_efficient_reward
@@ -78,19 +84,21 @@ ROUND0_SELECTIONS = ("accuracy", "median_reward")
 CONTROLLER_TARGETS = ("reward", "accuracy")
 ACCURACY_METRICS = ("best_val_accuracy", "final_val_accuracy", "test_accuracy")
 # Config fields that change no result, so a workdir may be resumed with other values.
-RUN_ONLY_FIELDS = ("resume_with_changed_config", "output", "train.compilation_cache_dir",
-                   "train.host_threads", "parallel", "distributed")
+RUN_ONLY_FIELDS = ("resume_with_changed_config", "output", "data.download",
+                   "train.compilation_cache_dir",
+                   "train.eval_compiler_options", "train.host_threads", "parallel",
+                   "distributed")
 # A reference accuracy of 0 would make the relative accuracy gain undefined.
 _MIN_REFERENCE_ACCURACY = 1e-6
 
 TrainFn = Callable[[Architecture, Skeleton, jax.Array], train_lib.TrainResult]
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError, ValueError):
     """The work directory holds a search made with another config."""
 
 
-class StateError(RuntimeError):
+class StateError(UserError, RuntimeError):
     """The work directory's state files cannot be read."""
 
 
@@ -111,6 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = trainer.data
     c.skeleton = trainer.skeleton
     del trainer["data"], trainer["skeleton"]
+    trainer.compilation_cache_dir = train_lib.AUTO_CACHE  # <workdir>/xla_cache
     c.train = trainer
     c.grow_trim = ml_collections.ConfigDict(dict(
         round0_combine_modes=("add", "concat"),  # the authors' 98 round-0 networks
@@ -148,6 +157,9 @@ def default_config() -> ml_collections.ConfigDict:
     # How the work is spread; results do not depend on it (so resuming with other values is fine).
     c.parallel = ml_collections.ConfigDict(dict(
         candidate_groups=1,  # > 1: train this many candidates at once on disjoint device groups
+        # Candidates compiled in background threads while one trains (candidate_groups = 1):
+        # -1 = auto (compile_ahead.auto_depth: one per 4 host cores, 1 to 4), 0 = off.
+        compile_ahead=-1,
     ))
     c.distributed = distributed.default_config()  # multi-process job layout ("" = auto)
     return c
@@ -176,6 +188,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         _check_int(s[name], f"search.{name}", minimum)
     _check_int(config.seed, "seed", 0)
     _check_int(candidate_groups(config), "parallel.candidate_groups", 1)
+    _check_int((config.get("parallel") or {}).get("compile_ahead", 0), "parallel.compile_ahead",
+               -1)
     _check_choice(s.round0_selection, ROUND0_SELECTIONS, "search.round0_selection")
     _check_choice(s.controller_target, CONTROLLER_TARGETS, "search.controller_target")
     _check_choice(s.accuracy_metric, ACCURACY_METRICS, "search.accuracy_metric")
@@ -317,16 +331,7 @@ def save_state(state: dict, workdir: pathlib.Path) -> None:
     """Writes state.json atomically, keeping the previous good copy as state.prev.json: a kill
     at any moment leaves at least one of the two complete (a missing state.json falls back to
     state.prev.json)."""
-    text = _dump_state(state)
-    tmp = workdir / f".{STATE_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    current = workdir / STATE_FILE
-    if current.exists():
-        os.replace(current, workdir / PREV_STATE_FILE)
-    os.replace(tmp, current)
+    atomic_write(workdir / STATE_FILE, _dump_state(state), previous=workdir / PREV_STATE_FILE)
 
 
 def load_state(workdir: pathlib.Path) -> dict | None:
@@ -558,6 +563,7 @@ class _Search:
     writer: bool
     controller_state: controller_lib.ControllerState | None = None
     controller_state_round: int | None = None
+    seconds_trained: list = dataclasses.field(default_factory=list)  # this process's candidates
 
     # ----- persistence
     def save(self, plots: bool = False) -> None:
@@ -586,7 +592,25 @@ class _Search:
         return self.controller_state
 
     # ----- one round
+    def log_plan(self) -> None:
+        """The whole run's plan and, once a few candidates have trained here, its duration."""
+        counts = planned_candidates(self.state, self.config)
+        trained = sum(e["status"] != "pending" for r in self.state["rounds"]
+                      for e in r["entries"])
+        remaining = max(sum(counts) - trained, 0)
+        text = (f"plan: up to {len(counts)} rounds, about {sum(counts)} candidates "
+                f"({', '.join(str(c) for c in counts)}) x {self.config.train.epochs} epochs; "
+                f"{remaining} to go")
+        if self.seconds_trained:
+            per = float(np.mean(self.seconds_trained))
+            text += (f"; at {per:.1f} s per candidate so far, about "
+                     f"{_duration(per * remaining)} more (later rounds train larger networks: "
+                     "expect more; the round cap and the stopping rules may end it sooner)")
+        logging.info("%s", text)
+
     def train_pending(self, rnd: dict) -> None:
+        if not self.seconds_trained:
+            self.log_plan()
         entries = rnd["entries"]
         done = sum(e["status"] != "pending" for e in entries)
         bar = _progress_bar(len(entries), done, f"round {rnd['round']} ({rnd['mode']})",
@@ -598,14 +622,16 @@ class _Search:
         # in a one-by-one run and a resume stays exact.
         groups = candidate_groups(self.config)
         pending = [i for i, e in enumerate(entries) if e["status"] == "pending"]
+        previous = {i: self.previous_result(entries[i]["hash"], rnd["round"]) for i in pending}
+        ahead = CompileAhead(lambda i: self.train_fn.compile(
+            from_json(entries[i]["architecture"]), self.skeleton),
+            [i for i in pending if previous[i] is None], self.compile_ahead_depth())
         try:
             for start in range(0, len(pending), groups):
                 chunk = pending[start:start + groups]
-                previous = {i: self.previous_result(entries[i]["hash"], rnd["round"])
-                            for i in chunk}
                 to_train = [i for i in chunk if previous[i] is None]
                 results = dict(zip(to_train, candidate_parallel.map_on_device_groups(
-                    lambda i: self.train_result(entries[i]), to_train, groups)))
+                    lambda i: self.train_result(entries[i], ahead.take(i)), to_train, groups)))
                 # Multi-process: all processes finished these candidates (raises if one died,
                 # before any of its collective failures is recorded as a failed candidate).
                 distributed.sync_processes(f"round {rnd['round']} candidates {chunk}")
@@ -616,6 +642,9 @@ class _Search:
                     else:
                         self.record_result(entry, results[i])
                         self.state["num_trained"] += 1
+                        self.seconds_trained.append(results[i].wall_seconds)
+                        if len(self.seconds_trained) == _ESTIMATE_AFTER:
+                            self.log_plan()
                     if reference is not None and entry["status"] == "ok":
                         entry["reward"] = _reward(entry, reference, reward_config)
                     self.save()
@@ -625,7 +654,15 @@ class _Search:
                 if ok:
                     bar.set_postfix(best_acc=f"{100 * max(ok):.2f}%")
         finally:
+            ahead.close()
             bar.close()
+
+    def compile_ahead_depth(self) -> int:
+        """Candidates to compile ahead: with one candidate group and a trainer that can compile
+        (candidate groups overlap their compiles already)."""
+        if candidate_groups(self.config) > 1 or not hasattr(self.train_fn, "compile"):
+            return 0
+        return resolve_depth((self.config.get("parallel") or {}).get("compile_ahead", 0))
 
     def previous_result(self, arch_hash: str, round_index: int) -> tuple[int, dict] | None:
         if not self.config.search.reuse_trained:
@@ -648,10 +685,13 @@ class _Search:
                      reused_from_round=source["reused_from_round"] if source[
                          "reused_from_round"] is not None else round_index)
 
-    def train_result(self, entry: dict):
-        """Trains an entry's candidate (thread-safe: reads the entry, changes nothing)."""
+    def train_result(self, entry: dict, programs=None):
+        """Trains an entry's candidate (thread-safe: reads the entry, changes nothing), with its
+        programs when they were compiled ahead."""
         arch = from_json(entry["architecture"])
-        return self.train_fn(arch, self.skeleton, candidate_key(self.config.seed, entry["hash"]))
+        extra = {} if programs is None else {"programs": programs}
+        return self.train_fn(arch, self.skeleton, candidate_key(self.config.seed, entry["hash"]),
+                             **extra)
 
     def record_result(self, entry: dict, result) -> None:
         accuracy = getattr(result, self.config.search.accuracy_metric)
@@ -750,6 +790,29 @@ class _Search:
                 self.save(plots=True)
 
 
+_ESTIMATE_AFTER = 3  # candidates trained in this process before the duration is estimated
+
+
+def planned_candidates(state: dict, config: ml_collections.ConfigDict) -> list[int]:
+    """Candidates to train in each round up to the round cap: the planned rounds' entries, then
+    `full_train_cap` (else as many as the last round generated) while rounds are trained in
+    full, `top_k` after."""
+    s, rounds = config.search, state["rounds"]
+    counts = [len(r["entries"]) for r in rounds]
+    generated = rounds[-1]["num_generated"] if rounds else 0
+    for r in range(len(rounds), s.max_rounds):
+        counts.append((s.full_train_cap or generated) if r < s.full_train_rounds else s.top_k)
+    return counts
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _progress_bar(total: int, initial: int, description: str, enabled: bool):
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     return tqdm(total=total, initial=initial, desc=description, unit="candidate",
@@ -793,20 +856,35 @@ def _summary(config: ml_collections.ConfigDict, skeleton: Skeleton) -> dict:
             "dataset": config.data.name, "epochs": config.train.epochs, "seed": config.seed}
 
 
-def _default_train_fn(config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
-                      workdir: pathlib.Path) -> TrainFn:
-    def train_fn(arch: Architecture, skeleton: Skeleton, key: jax.Array):
-        train_config = config.train
-        checkpoint_dir = None
-        if config.search.candidate_checkpoints:
-            train_config = config.train.copy_and_resolve_references()
-            checkpoint_dir = workdir / CANDIDATE_CHECKPOINT_DIR / arch.canonical_hash()[:16]
+class CandidateTrainer:
+    """The search's trainer: `train.train_candidate` with `config.train` on the dataset.
+    `compile` makes a candidate's programs without training it, so that the search can compile
+    the next candidates while one trains (`memnas_jax.compile_ahead`)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
+                 workdir: pathlib.Path):
+        self.train_config = config.train.copy_and_resolve_references()
+        self.train_config.compilation_cache_dir = train_lib.compilation_cache_path(
+            config.train.compilation_cache_dir, workdir)
+        self.dataset, self.workdir = dataset, workdir
+        self.candidate_checkpoints = config.search.candidate_checkpoints
+
+    def compile(self, arch: Architecture, skeleton: Skeleton) -> train_lib.CandidatePrograms:
+        return train_lib.compile_candidate(arch, self.train_config, self.dataset,
+                                           skeleton=skeleton)
+
+    def __call__(self, arch: Architecture, skeleton: Skeleton, key: jax.Array,
+                 programs=None) -> train_lib.TrainResult:
+        train_config, checkpoint_dir = self.train_config, None
+        if self.candidate_checkpoints:
+            train_config = self.train_config.copy_and_resolve_references()
+            checkpoint_dir = self.workdir / CANDIDATE_CHECKPOINT_DIR / arch.canonical_hash()[:16]
             train_config.checkpoint_dir = str(checkpoint_dir)
-        result = train_lib.train_candidate(arch, train_config, dataset, key, skeleton=skeleton)
+        result = train_lib.train_candidate(arch, train_config, self.dataset, key,
+                                           skeleton=skeleton, programs=programs)
         if checkpoint_dir is not None and jax.process_index() == 0:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return result
-    return train_fn
 
 
 def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -814,15 +892,28 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     """Runs (or resumes) the MemNAS search of `config` in `workdir` and returns its answer.
 
     train_fn(architecture, skeleton, key) -> `train.TrainResult` replaces candidate training
-    (default: `train.train_candidate` with `config.train` on `config.data`).
+    (default: `CandidateTrainer`, `train.train_candidate` with `config.train` on `config.data`).
+    A train_fn with a `compile(architecture, skeleton)` method, like `CandidateTrainer`, gets
+    its candidates compiled ahead (`config.parallel.compile_ahead`), the programs passed back
+    as `train_fn(..., programs=future)`.
     Raises ConfigMismatchError when `workdir` holds a search made with another config (unless
     `config.resume_with_changed_config`), StateError when its state files are unreadable.
     """
-    check_config(config)
+    try:
+        check_config(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     workdir = pathlib.Path(workdir).absolute()
     writer = jax.process_index() == 0
     if writer:
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            probe = workdir / f".write_test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise WorkdirError(f"cannot write the work directory {workdir} ({e.strerror or e}); "
+                               "choose another --workdir") from None
     relevant, config_hash = config_fingerprint(config)
     state = load_state(workdir) if workdir.exists() else None
     if state is not None and state["config_hash"] != config_hash:
@@ -851,10 +942,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                      len(state["rounds"]) - 1, state["num_trained"])
     state["summary"] = _summary(config, skeleton)
     if writer:
-        reports.write_text_atomic(workdir / CONFIG_FILE,
+        atomic_write(workdir / CONFIG_FILE,
                                   json.dumps(_plain(config), indent=1, sort_keys=True) + "\n")
     search = _Search(config, workdir, state, skeleton,
-                     train_fn or _default_train_fn(config, dataset, workdir), writer)
+                     train_fn or CandidateTrainer(config, dataset, workdir), writer)
     if state["status"] == "finished":
         search.save(plots=True)  # regenerate the outputs, nothing to run
     else:

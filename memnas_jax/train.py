@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -88,8 +89,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint_dir = ""  # "" = no checkpoints
     c.checkpoint_every_epochs = 0  # 0 = only the last epoch (when checkpoint_dir is set)
     c.checkpoints_to_keep = 2
-    c.compilation_cache_dir = ""  # JAX persistent compilation cache ("" = off)
+    # JAX's persistent compilation cache ("" = off; the search's "auto" = <workdir>/xla_cache)
+    c.compilation_cache_dir = ""
     c.host_threads = 0  # host pipeline threads for streaming data (0 = auto)
+    # XLA options of the evaluation program only, "name=value,...": it runs a few batches per
+    # epoch, so on a GPU "xla_gpu_autotune_level=0" may cost less than autotuning it (measure
+    # with benchmarks/search_throughput.py --eval_compiler_options).
+    c.eval_compiler_options = ""
     return c
 
 
@@ -107,8 +113,30 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
     if list(config.milestones) != sorted(config.milestones):
         raise ValueError(f"config.milestones must be increasing, got {config.milestones}")
+    compiler_options(config.get("eval_compiler_options", ""), "eval_compiler_options")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
+
+
+def compiler_options(text: str, field: str = "compiler_options") -> dict[str, Any]:
+    """"name=value,..." -> XLA compile options (ints, floats and true/false parsed); XLA itself
+    rejects an unknown name when the program compiles."""
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in str(text).split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"config.{field}: {item!r} is not name=value")
+        value = value.strip()
+        for parse in (int, float):
+            try:
+                options[name.strip()] = parse(value)
+                break
+            except ValueError:
+                continue
+        else:
+            lowered = value.lower()
+            options[name.strip()] = (lowered == "true") if lowered in ("true", "false") else value
+    return options
 
 
 def skeleton_from_config(config: ml_collections.ConfigDict, dataset: data_lib.Dataset
@@ -138,12 +166,40 @@ def resolve_depthwise_impl(name: str) -> str:
     return name
 
 
+AUTO_CACHE = "auto"  # compilation_cache_dir: the work directory's XLA_CACHE_DIR
+XLA_CACHE_DIR = "xla_cache"
+
+
+def compilation_cache_path(setting: str, workdir: str | os.PathLike) -> str:
+    """`compilation_cache_dir` as a path: "auto" is `<workdir>/xla_cache`, "" stays off."""
+    return os.path.join(workdir, XLA_CACHE_DIR) if setting == AUTO_CACHE else setting
+
+
 def configure_compilation_cache(path: str) -> None:
-    """Turns on JAX's persistent compilation cache in `path` ("" leaves it as it is)."""
-    if path:
-        os.makedirs(path, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    """Turns on JAX's persistent compilation cache in `path` ("" leaves it as it is).
+
+    Every compiled program is stored there, so a resumed search, a rerun and the same candidate
+    in a later round skip XLA. With it JAX also turns on XLA's per-fusion autotune cache
+    (`jax_persistent_cache_enable_xla_caches`): on a GPU, the convolution algorithms chosen for
+    one candidate's fusions are reused by every later candidate with the same fusion, in this
+    process and the next."""
+    if not path:
+        return
+    if path == AUTO_CACHE:
+        raise ValueError('compilation_cache_dir "auto" means the work directory\'s cache: '
+                         "resolve it with compilation_cache_path(setting, workdir) first")
+    path = os.path.abspath(os.path.expanduser(path))
+    if jax.config.jax_compilation_cache_dir == path:
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Candidates compile in 1-50 s and are all worth keeping (JAX's default threshold is 1 s).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:  # JAX reads the directory once per process; make a changed directory take effect
+        from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):
+        logging.warning("could not reset JAX's compilation cache: %s may not be used", path)
 
 
 def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -207,10 +263,11 @@ class TrainResult:
     resumed_from_epoch: int  # 0 = trained from scratch
     param_count: int
     wall_seconds: float
-    compile_seconds: float
+    compile_seconds: float  # compiling its programs (ahead, in another thread, or here)
     images_per_second: float  # training throughput, compile and evaluation excluded
     epoch_seconds: tuple[float, ...] = ()  # training time of each epoch run here (no compile)
     train_flops_per_image: float | None = None  # XLA's cost_analysis of the train step
+    compile_wait_seconds: float = 0.0  # how long training waited for its programs
     variables: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False,
                                                              repr=False)  # host numpy
 
@@ -260,11 +317,6 @@ def _epoch_keys(rng: jax.Array, epoch: jax.Array) -> tuple[jax.Array, jax.Array]
 @functools.partial(jax.jit, static_argnums=2)
 def _permutation(rng: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
     return data_lib.epoch_permutation(_epoch_keys(rng, epoch)[0], num_examples)
-
-
-def _zeros(mesh, **dtypes: Any) -> dict:
-    """Replicated scalar accumulators, made on the host (no compile)."""
-    return sharding.replicate({k: np.zeros((), d) for k, d in dtypes.items()}, mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,12 +369,8 @@ class _StepFactory:
         """(state, metrics, batch images, batch labels) -> (state, metrics)."""
         return self._jit_train(self._train_on_batch)
 
-    def init_state(self, rng: np.ndarray, sample_shape: tuple[int, ...]) -> TrainState:
-        """A fresh replicated `TrainState` from a raw uint32 key, in one compiled call.
-
-        Compiled without backend optimisation on CPU: it runs once, and XLA:CPU spends seconds
-        optimising the unrolled threefry hash of every initialiser (a w=8 net53: 37 s -> 9 s
-        on 2 busy cores)."""
+    def init_fn(self, sample_shape: tuple[int, ...]) -> Callable:
+        """raw uint32 key -> a fresh `TrainState`."""
         def init(rng):
             init_key, data_key = jax.random.split(rng)
             variables = self.model.init(init_key, jnp.zeros(sample_shape, jnp.float32),
@@ -331,9 +379,7 @@ class _StepFactory:
             return TrainState(step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
                               params=params, batch_stats=variables.get("batch_stats", {}),
                               opt_state=self.tx.init(params), rng=data_key)
-        options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-        lowered = jax.jit(init, out_shardings=sharding.replicated(self.mesh)).lower(rng)
-        return lowered.compile(compiler_options=options)(rng)
+        return init
 
     def _jit_train(self, step: Callable) -> Callable:
         repl = sharding.replicated(self.mesh)
@@ -363,23 +409,133 @@ class _StepFactory:
                        out_shardings=sharding.replicated(self.mesh))
 
 
-class _TimedFirstCall:
-    """A jitted function compiled ahead of time on its first call for each input signature,
-    the compile time summed (the compiled executables then run without re-tracing)."""
+# ---------------------------------------------------------------------------------------------
+# Compiling a candidate
 
-    def __init__(self, fn: Callable):
-        self._fn, self._compiled, self.compile_seconds = fn, {}, 0.0
-        self.compiled = None  # the most recent executable (for its cost analysis)
 
-    def __call__(self, *args):
-        leaves, treedef = jax.tree.flatten(args)
-        signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
-        if signature not in self._compiled:
-            start = time.perf_counter()
-            self._compiled[signature] = self._fn.lower(*args).compile()
-            self.compile_seconds += time.perf_counter() - start
-        self.compiled = self._compiled[signature]
-        return self.compiled(*args)
+@dataclasses.dataclass(frozen=True)
+class CandidatePrograms:
+    """The compiled executables of one candidate (`compile_candidate`): made ahead of training
+    (`memnas_jax.compile_ahead`) or when it starts. Each takes exactly the argument shapes and
+    shardings `_train` gives it, so training never traces or compiles."""
+
+    init: Any  # raw uint32 key -> TrainState (on the host CPU)
+    train_step: Any  # resident: (state, metrics, images, labels, permutation); streamed: batch
+    eval_step: Any  # resident: (variables, totals, eval images, labels, mask); streamed: batch;
+    # None when there is nothing to evaluate
+    compile_seconds: float
+    flops_per_image: float | None  # XLA's cost_analysis of the train step
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What a candidate's programs and its training loop share: model, optimizer, mesh."""
+
+    steps: _StepFactory
+    mesh: Any
+    steps_per_epoch: int
+    eval_batches: int  # resident data: batches of the validation and test splits together
+
+
+def _setup(arch, config, data: data_lib.Dataset, skeleton, model) -> _Setup:
+    mesh = sharding.make_data_mesh(config.num_devices)
+    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.eval_batch_size, mesh, "eval batch size")
+    steps_per_epoch = len(data.train) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch size {config.batch_size} exceeds the {len(data.train)} "
+                         "training examples")
+    if model is None:
+        from memnas_jax.network import MemNASNetwork  # pylint: disable=import-outside-toplevel
+        skeleton = skeleton or skeleton_from_config(config, data)
+        model = MemNASNetwork(arch, skeleton, depthwise_impl=resolve_depthwise_impl(
+            config.depthwise_impl), dtype=DTYPES[config.dtype])
+    tx = make_optimizer(config, steps_per_epoch)
+    steps = _StepFactory(model, tx, mesh, tuple(data.mean), tuple(data.std),
+                         config.augment.crop_padding, config.augment.flip, config.augment.cutout,
+                         config.label_smoothing, config.batch_size)
+    eval_batches = sum(-(-len(s) // config.eval_batch_size) for s in _eval_splits(data))
+    return _Setup(steps, mesh, steps_per_epoch, eval_batches)
+
+
+def _eval_splits(data: data_lib.Dataset) -> list[data_lib.ArraySplit]:
+    return [s for s in (data.validation, data.test) if isinstance(s, data_lib.ArraySplit)]
+
+
+def _key_shape() -> tuple[int, ...]:
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+
+
+def _host_device() -> jax.Device:
+    return jax.local_devices(backend="cpu")[0]
+
+
+def _abstract(tree: Any, sharding_: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, jax.dtypes.canonicalize_dtype(x.dtype), sharding=sharding_), tree)
+
+
+def _compile_programs(setup: _Setup, config, data: data_lib.Dataset) -> CandidatePrograms:
+    start = time.perf_counter()
+    steps, mesh = setup.steps, setup.mesh
+    repl, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    host = jax.sharding.SingleDeviceSharding(_host_device())
+    # Init runs once, on the host CPU, without backend optimisation: XLA spends seconds
+    # optimising the unrolled threefry hash of every initialiser, and an accelerator would
+    # autotune a program that runs once. The state then goes to the mesh.
+    init_fn = steps.init_fn((1, *data.image_shape))
+    key = jax.ShapeDtypeStruct(_key_shape(), jnp.uint32, sharding=host)
+    init = jax.jit(init_fn, out_shardings=host).lower(key).compile(
+        compiler_options={"xla_backend_optimization_level": 0})
+    state = _abstract(jax.eval_shape(init_fn, key), repl)
+    scalars = lambda **dtypes: {k: jax.ShapeDtypeStruct((), d, sharding=repl)  # noqa: E731
+                                for k, d in dtypes.items()}
+    metrics = scalars(loss_sum=jnp.float32, steps=jnp.int32)
+    totals = scalars(correct=jnp.int32, loss_sum=jnp.float32, batches=jnp.int32)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    image_shape, size = data.image_shape, len(data.train)
+    eval_options = compiler_options(config.get("eval_compiler_options", ""))
+    if data.on_device:
+        train_args = (state, metrics,
+                      jax.ShapeDtypeStruct((size, *image_shape), jnp.uint8, sharding=repl),
+                      jax.ShapeDtypeStruct((size,), jnp.int32, sharding=repl),
+                      jax.ShapeDtypeStruct((size,), jnp.int32, sharding=repl))
+        train_step = steps.resident_train_step().lower(*train_args).compile()
+        shape = (setup.eval_batches, config.eval_batch_size)
+        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None,
+                                                                            sharding.DATA_AXIS))
+        eval_step = None if not setup.eval_batches else steps.resident_eval_step().lower(
+            variables, totals, jax.ShapeDtypeStruct((*shape, *image_shape), jnp.uint8,
+                                                    sharding=split),
+            jax.ShapeDtypeStruct(shape, jnp.int32, sharding=split),
+            jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=split)).compile(eval_options)
+    else:
+        def batch_of(size, dtype, *shape):
+            return jax.ShapeDtypeStruct((size, *shape), dtype, sharding=batch)
+        b, eb = config.batch_size, config.eval_batch_size
+        train_step = steps.streamed_train_step().lower(
+            state, metrics, batch_of(b, jnp.uint8, *image_shape),
+            batch_of(b, jnp.int32)).compile()
+        evaluated = data.validation is not None or data.test is not None
+        eval_step = None if not evaluated else steps.eval_step().lower(
+            variables, totals, batch_of(eb, jnp.uint8, *image_shape), batch_of(eb, jnp.int32),
+            batch_of(eb, jnp.bool_)).compile(eval_options)
+    return CandidatePrograms(init=init, train_step=train_step, eval_step=eval_step,
+                             compile_seconds=time.perf_counter() - start,
+                             flops_per_image=_flops_per_image(train_step, mesh,
+                                                              config.batch_size))
+
+
+def compile_candidate(arch: Iterable[Iterable[Cell]] | None, config: ml_collections.ConfigDict,
+                      data: data_lib.Dataset, *, skeleton: Skeleton | None = None,
+                      model: nn.Module | None = None) -> CandidatePrograms:
+    """Compiles the init, train and evaluation programs of a candidate without running them
+    (what `train_candidate` would compile first). Thread-safe: XLA compiles release the GIL, so
+    a thread pool compiles the next candidates while one trains. Raises on a compile failure;
+    `train_candidate(..., programs=future)` records that as the candidate's failure."""
+    check_config(config)
+    configure_compilation_cache(config.compilation_cache_dir)
+    return _compile_programs(_setup(arch, config, data, skeleton, model), config, data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,77 +602,83 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _EvalArrays:
-    """A split padded to whole batches, shaped (batches, B, ...) and batch-sharded."""
+    """The validation and test splits, each padded to whole batches and stacked into one
+    (batches, B, ...) batch-sharded array, so one compiled program evaluates both."""
 
     images: jax.Array
     labels: jax.Array
     mask: jax.Array
-    size: int
-
-    @property
-    def num_batches(self) -> int:
-        return int(self.labels.shape[0])
+    batches: Mapping[int, tuple[int, int]]  # id(split) -> (first batch, number of batches)
 
 
-def _eval_arrays(split: data_lib.ArraySplit, batch_size: int, mesh) -> _EvalArrays:
-    n = len(split)
-    batches = -(-n // batch_size)
-    pad = batches * batch_size - n
-    images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
-    labels = np.concatenate([split.labels, np.zeros(pad, np.int32)])
-    mask = np.arange(batches * batch_size) < n
-    shaped = lambda a: a.reshape(batches, batch_size, *a.shape[1:])
+def _eval_arrays(splits: list[data_lib.ArraySplit], batch_size: int, mesh) -> _EvalArrays:
+    images, labels, masks, batches, first = [], [], [], {}, 0
+    for split in splits:
+        n = len(split)
+        count = -(-n // batch_size)
+        pad = count * batch_size - n
+        images.append(np.concatenate([split.images,
+                                      np.zeros((pad, *split.images.shape[1:]), np.uint8)]))
+        labels.append(np.concatenate([split.labels, np.zeros(pad, np.int32)]))
+        masks.append(np.arange(count * batch_size) < n)
+        batches[id(split)] = (first, count)
+        first += count
+
+    def stacked(parts):
+        return np.concatenate(parts).reshape(first, batch_size, *parts[0].shape[1:])
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
-    arrays = jax.device_put((shaped(images), shaped(labels), shaped(mask)), spec)
-    return _EvalArrays(*arrays, size=n)
+    arrays = jax.device_put((stacked(images), stacked(labels), stacked(masks)), spec)
+    return _EvalArrays(*arrays, batches=batches)
+
+
+def _scalars(mesh, **values: Any) -> dict:
+    """Replicated scalar accumulators, made on the host (no compile)."""
+    return sharding.replicate({k: np.asarray(v) for k, v in values.items()}, mesh)
 
 
 # ---------------------------------------------------------------------------------------------
 # The training loop
 
 
-def train_candidate(arch: Iterable[Iterable[Cell]], config: ml_collections.ConfigDict,
+def train_candidate(arch: Iterable[Iterable[Cell]] | None, config: ml_collections.ConfigDict,
                     data: data_lib.Dataset, rng: jax.Array, *, skeleton: Skeleton | None = None,
-                    model: nn.Module | None = None) -> TrainResult:
+                    model: nn.Module | None = None,
+                    programs: CandidatePrograms | concurrent.futures.Future | None = None
+                    ) -> TrainResult:
     """Trains `arch` from scratch on `data` (train split; validation each `eval_every_epochs`;
     test at the end) and returns a `TrainResult`. Never raises for a candidate's own failure.
 
     skeleton: overrides `config.skeleton`. model: any linen module with the MemNASNetwork
     signature `__call__(x, train)` and a `batch_stats` collection, trained instead of `arch`.
+    programs: the candidate's `compile_candidate` output, or a future of it (compiled ahead, in
+    another thread); None compiles them here.
     """
     check_config(config)
     start = time.perf_counter()
     configure_compilation_cache(config.compilation_cache_dir)
     try:
-        return _train(arch, config, data, rng, skeleton, model, start)
+        return _train(arch, config, data, rng, skeleton, model, programs, start)
     except Exception as e:  # pylint: disable=broad-except  # a candidate must never kill a search
         logging.warning("candidate failed: %s", traceback.format_exc())
         return _failed(f"{type(e).__name__}: {_first_line(e, 2000)}", start)
 
 
-def _train(arch, config, data, rng, skeleton, model, start) -> TrainResult:
-    mesh = sharding.make_data_mesh(config.num_devices)
-    sharding.check_batch_size(config.batch_size, mesh)
-    sharding.check_batch_size(config.eval_batch_size, mesh, "eval batch size")
-    steps_per_epoch = len(data.train) // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch size {config.batch_size} exceeds the {len(data.train)} "
-                         "training examples")
-    if model is None:
-        from memnas_jax.network import MemNASNetwork  # pylint: disable=import-outside-toplevel
-        skeleton = skeleton or skeleton_from_config(config, data)
-        model = MemNASNetwork(arch, skeleton, depthwise_impl=resolve_depthwise_impl(
-            config.depthwise_impl), dtype=DTYPES[config.dtype])
-    tx = make_optimizer(config, steps_per_epoch)
-    steps = _StepFactory(model, tx, mesh, tuple(data.mean), tuple(data.std),
-                         config.augment.crop_padding, config.augment.flip, config.augment.cutout,
-                         config.label_smoothing, config.batch_size)
+def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainResult:
+    setup = _setup(arch, config, data, skeleton, model)
+    mesh = setup.mesh
+    wait_start = time.perf_counter()
+    if programs is None:
+        programs = _compile_programs(setup, config, data)
+    elif isinstance(programs, concurrent.futures.Future):
+        programs = programs.result()
+    compile_wait = time.perf_counter() - wait_start
 
-    # Initial state, replicated over the mesh.
+    # Initial state, made on the host and replicated over the mesh.
     rng = jnp.asarray(rng)
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
-    state = steps.init_state(np.asarray(rng, np.uint32), (1, *data.image_shape))
+    host_rng = jax.device_put(np.asarray(rng, np.uint32), _host_device())
+    state = sharding.replicate(jax.device_get(programs.init(host_rng)), mesh)
     param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
 
     history: list[dict] = []
@@ -534,17 +696,15 @@ def _train(arch, config, data, rng, skeleton, model, start) -> TrainResult:
     # Data.
     if data.on_device:
         train_arrays = sharding.replicate((data.train.images, data.train.labels), mesh)
-        train_step = _TimedFirstCall(steps.resident_train_step())
 
         def epoch_batches(epoch: int) -> Iterator[tuple]:
             del epoch  # the permutation comes from the key and epoch in the state
-            batch = (*train_arrays, _permutation(state.rng, state.epoch, len(data.train)))
-            for _ in range(steps_per_epoch):
-                yield batch
+            permutation = jax.device_put(_permutation(state.rng, state.epoch, len(data.train)),
+                                         sharding.replicated(mesh))
+            for _ in range(setup.steps_per_epoch):
+                yield (*train_arrays, permutation)
     else:
-        train_step = _TimedFirstCall(steps.streamed_train_step())
         host_seed = int(jax.device_get(state.rng)[-1])
-
         rows = sharding.process_batch_rows(mesh, config.batch_size)
 
         def epoch_batches(epoch: int) -> Iterator[tuple]:
@@ -553,7 +713,7 @@ def _train(arch, config, data, rng, skeleton, model, start) -> TrainResult:
                     rows=rows, num_threads=config.host_threads):
                 yield sharding.host_batch_to_global((images, labels), mesh, config.batch_size)
 
-    evaluator = _Evaluator(steps, data, config, mesh)
+    evaluator = _Evaluator(programs.eval_step, data, config, mesh)
 
     # Epochs (the checkpoint manager is closed however they end).
     try:
@@ -561,16 +721,14 @@ def _train(arch, config, data, rng, skeleton, model, start) -> TrainResult:
         status, message = "ok", ""
         for epoch in range(resumed_from, config.epochs):
             epoch_start = time.perf_counter()
-            metrics = _zeros(mesh, loss_sum=np.float32, steps=np.int32)
-            compile_before = train_step.compile_seconds
+            metrics = _scalars(mesh, loss_sum=np.float32(0), steps=np.int32(0))
             for i, batch in enumerate(epoch_batches(epoch)):
-                state, metrics = train_step(state, metrics, *batch)
+                state, metrics = programs.train_step(state, metrics, *batch)
                 if config.nan_check_every_steps and (i + 1) % config.nan_check_every_steps == 0:
                     if not np.isfinite(float(jax.device_get(metrics["loss_sum"]))):
                         break
             loss_sum, done_steps = jax.device_get((metrics["loss_sum"], metrics["steps"]))
-            epoch_seconds.append(time.perf_counter() - epoch_start
-                                 - (train_step.compile_seconds - compile_before))
+            epoch_seconds.append(time.perf_counter() - epoch_start)
             train_seconds += epoch_seconds[-1]
             images_seen += int(done_steps) * config.batch_size
             mean_loss = float(loss_sum) / max(int(done_steps), 1)
@@ -613,11 +771,10 @@ def _train(arch, config, data, rng, skeleton, model, start) -> TrainResult:
         val_accuracy_curve=val_curve, epochs_done=len([h for h in history
                                                        if math.isfinite(h["train_loss"])]),
         resumed_from_epoch=resumed_from, param_count=param_count,
-        wall_seconds=time.perf_counter() - start,
-        compile_seconds=train_step.compile_seconds + evaluator.compile_seconds,
+        wall_seconds=time.perf_counter() - start, compile_seconds=programs.compile_seconds,
+        compile_wait_seconds=compile_wait,
         images_per_second=images_seen / train_seconds if train_seconds > 0 else 0.0,
-        epoch_seconds=tuple(epoch_seconds),
-        train_flops_per_image=_flops_per_image(train_step.compiled, mesh, config.batch_size),
+        epoch_seconds=tuple(epoch_seconds), train_flops_per_image=programs.flops_per_image,
         variables=jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
 
 
@@ -626,45 +783,46 @@ def _flops_per_image(compiled, mesh, batch_size: int) -> float | None:
     try:
         analysis = compiled.cost_analysis()
         flops = (analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"]
-    except Exception:  # pylint: disable=broad-except  # not compiled, or no analysis here
+    except Exception:  # pylint: disable=broad-except  # no analysis on this backend
         return None
     return float(flops) * sharding.mesh_size(mesh) / batch_size
 
 
 class _Evaluator:
-    """Accuracy of the current state on a split (device-resident or streamed)."""
+    """Accuracy of the current state on a split (device-resident or streamed), with the
+    candidate's one compiled evaluation program."""
 
-    def __init__(self, steps: _StepFactory, data: data_lib.Dataset, config, mesh):
-        self._mesh, self._batch, self._threads = mesh, config.eval_batch_size, config.host_threads
+    def __init__(self, eval_step, data: data_lib.Dataset, config, mesh):
+        self._step, self._data, self._mesh = eval_step, data, mesh
+        self._batch, self._threads = config.eval_batch_size, config.host_threads
         self._rows = sharding.process_batch_rows(mesh, config.eval_batch_size)  # streamed splits
-        self._resident = _TimedFirstCall(steps.resident_eval_step())
-        self._streamed = _TimedFirstCall(steps.eval_step())
-        self._arrays: dict[int, _EvalArrays] = {}
-
-    @property
-    def compile_seconds(self) -> float:
-        return self._resident.compile_seconds + self._streamed.compile_seconds
+        self._arrays: _EvalArrays | None = None
 
     def accuracy(self, state: TrainState, split: data_lib.Split) -> float:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        totals = _zeros(self._mesh, correct=np.int32, loss_sum=np.float32, batches=np.int32)
         if isinstance(split, data_lib.ArraySplit):
-            if id(split) not in self._arrays:
-                self._arrays[id(split)] = _eval_arrays(split, self._batch, self._mesh)
-            arrays = self._arrays[id(split)]
-            for _ in range(arrays.num_batches):
-                totals = self._resident(variables, totals, arrays.images, arrays.labels,
-                                        arrays.mask)
+            if self._arrays is None:
+                self._arrays = _eval_arrays(_eval_splits(self._data), self._batch, self._mesh)
+            a = self._arrays
+            first, count = a.batches[id(split)]
+            totals = _scalars(self._mesh, correct=np.int32(0), loss_sum=np.float32(0),
+                              batches=np.int32(first))
+            for _ in range(count):
+                totals = self._step(variables, totals, a.images, a.labels, a.mask)
         else:
+            totals = _scalars(self._mesh, correct=np.int32(0), loss_sum=np.float32(0),
+                              batches=np.int32(0))
             for batch in data_lib.host_batches(split, self._batch, seed=0, epoch=0, train=False,
                                                rows=self._rows, num_threads=self._threads):
-                totals = self._streamed(variables, totals, *sharding.host_batch_to_global(
+                totals = self._step(variables, totals, *sharding.host_batch_to_global(
                     batch, self._mesh, self._batch))
         return int(jax.device_get(totals["correct"])) / len(split)
 
 
 __all__ = [
-    "DTYPES", "STATUSES", "TrainResult", "TrainState", "check_config",
-    "configure_compilation_cache", "cross_entropy", "default_config", "make_optimizer",
-    "make_schedule", "resolve_depthwise_impl", "skeleton_from_config", "train_candidate",
+    "AUTO_CACHE", "DTYPES", "STATUSES", "XLA_CACHE_DIR", "CandidatePrograms", "TrainResult",
+    "TrainState", "check_config", "compilation_cache_path", "compile_candidate",
+    "configure_compilation_cache", "cross_entropy", "default_config",
+    "compiler_options", "make_optimizer", "make_schedule", "resolve_depthwise_impl", "skeleton_from_config",
+    "train_candidate",
 ]

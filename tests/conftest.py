@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 
+import jax
 import pytest
 
 from memnas_jax import sharding
@@ -11,6 +12,16 @@ from memnas_jax import sharding
 # As the experiment mains do: XLA:CPU's YNNPACK fusions make CPU convolutions several times
 # slower (README, "Throughput"). Before any test starts JAX's backends.
 sharding.disable_cpu_ynn_fusions()
+
+# On NVIDIA GPUs JAX's default precision runs float32 convolutions and matmuls in TF32 (errors
+# ~1e-3), and the numeric tests compare against float32 NumPy at ~1e-5: run them at full float32
+# precision on every backend (on CPU this is already the default).
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# No test may reach the internet: a CIFAR download anyone forgets to point at a local server
+# fails at once on a closed local port (tests/test_download.py serves its own archives).
+for _name in ("CIFAR10", "CIFAR100"):
+    os.environ.setdefault(f"MEMNAS_{_name}_URL", f"http://127.0.0.1:9/offline/{_name.lower()}.tgz")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ import pytest
 
 from memnas_jax import reports, search
 from memnas_jax.encoding import from_json
+from memnas_jax.io import atomic_write
 from memnas_jax.space import cifar_skeleton
 
 SKELETON = cifar_skeleton(4, num_classes=4).replace(image_size=16)
@@ -147,11 +148,13 @@ def test_write_all(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_write_text_atomic_replaces_and_cleans_up(tmp_path):
+def test_atomic_write_replaces_and_cleans_up(tmp_path):
     path = tmp_path / "f.txt"
-    reports.write_text_atomic(path, "one")
-    reports.write_text_atomic(path, "two")
+    atomic_write(path, "one")
+    atomic_write(path, "two")
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
     with pytest.raises(TypeError):
-        reports.write_text_atomic(path, 3)  # not text: the old file stays
+        atomic_write(path, 3)  # not text: the old file stays
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+    atomic_write(path, b"three", previous=tmp_path / "f.prev")  # the last good copy kept
+    assert path.read_bytes() == b"three" and (tmp_path / "f.prev").read_text() == "two"

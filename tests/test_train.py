@@ -4,6 +4,7 @@ The mechanics tests train a tiny BatchNorm CNN (`model=`), which compiles in abo
 MemNASNetwork itself is trained on synthetic data once and, marked slow, on the real CIFAR-10.
 """
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -109,6 +110,55 @@ def test_exceptions_become_failed(synthetic):
     assert "dot_general" in result.message or "matmul" in result.message
     bad_arch = train.train_candidate([[]], _config(), synthetic, jax.random.PRNGKey(0))
     assert bad_arch.status == "failed" and "EncodingError" in bad_arch.message
+
+
+def test_programs_compiled_ahead_train_exactly_like_inline_ones(synthetic):
+    """compile_candidate (as the search's compile-ahead threads call it) gives the programs
+    train_candidate compiles itself: the same losses, accuracies and weights, bit for bit. One
+    program evaluates both the validation and the test split."""
+    config = _config(epochs=2)
+    inline = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(3),
+                                   model=TinyCNN())
+    programs = train.compile_candidate(None, config, synthetic, model=TinyCNN())
+    assert programs.compile_seconds > 0 and programs.flops_per_image > 0
+    ahead = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(3),
+                                  model=TinyCNN(), programs=programs)
+    assert ahead.status == inline.status == "ok"
+    assert ahead.loss_curve == inline.loss_curve
+    assert ahead.val_accuracy_curve == inline.val_accuracy_curve
+    assert ahead.test_accuracy == inline.test_accuracy
+    assert _max_abs_diff(ahead.variables, inline.variables) == 0.0
+    assert ahead.compile_seconds == programs.compile_seconds
+    assert ahead.compile_wait_seconds < 0.1  # nothing left to compile
+    # A future whose compile failed is the candidate's failure, not the caller's exception.
+    failed = concurrent.futures.Future()
+    failed.set_exception(RuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling"))
+    result = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(3),
+                                   model=TinyCNN(), programs=failed)
+    assert result.status == "failed" and "RESOURCE_EXHAUSTED" in result.message
+
+
+def test_eval_compiler_options_are_parsed_and_passed_to_xla(synthetic):
+    assert train.compiler_options("xla_gpu_autotune_level=0, a=1.5,b=true,c=x") == {
+        "xla_gpu_autotune_level": 0, "a": 1.5, "b": True, "c": "x"}
+    assert train.compiler_options("") == {}
+    with pytest.raises(ValueError, match="config.eval_compiler_options: 'oops' is not"):
+        train.check_config(_config(eval_compiler_options="oops"))
+    # XLA knows the GPU option on every backend; an unknown one fails the candidate, clearly.
+    ok = train.compile_candidate(None, _config(eval_compiler_options="xla_gpu_autotune_level=0"),
+                                 synthetic, model=TinyCNN())
+    assert ok.eval_step is not None
+    bad = train.train_candidate(None, _config(eval_compiler_options="xla_no_such_option=1"),
+                                synthetic, jax.random.PRNGKey(0), model=TinyCNN())
+    assert bad.status == "failed" and "No such compile option" in bad.message
+
+
+def test_compilation_cache_auto_is_the_work_directory(tmp_path):
+    assert train.compilation_cache_path("auto", tmp_path) == str(tmp_path / "xla_cache")
+    assert train.compilation_cache_path("", tmp_path) == ""
+    assert train.compilation_cache_path("/cache", tmp_path) == "/cache"
+    with pytest.raises(ValueError, match="resolve it with compilation_cache_path"):
+        train.configure_compilation_cache("auto")
 
 
 def test_config_mistakes_raise(synthetic):

@@ -2,6 +2,9 @@
 
 Presets (override any field on the command line, e.g. `--config.reward.lam=0.8`):
 
+* auto (the default): smoke on a CPU-only machine, gpu where JAX has a GPU or TPU, so that a bare
+  `python experiments/cifar10_search.py --workdir=DIR` runs a search one can watch finish.
+
 * paper: the authors' settings as far as known (memnas_method.md 2, 6.1): width 64 during the
   search, candidates trained 150 epochs at batch 64 (SGD lr 0.01, momentum 0.9, x0.1 at epochs 60
   and 100), lambda 0.5, rounds 0 and 1 fully trained (98 and ~200 candidates), then the controller's
@@ -23,12 +26,20 @@ import ml_collections
 
 from memnas_jax import presets, search
 
-PRESETS = ("paper", "gpu", "smoke", "test")
+PRESETS = ("auto", "paper", "gpu", "smoke", "test")
 
 
-def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
+def auto_preset() -> tuple[str, str]:
+    """The preset "auto" stands for on this machine, and why: smoke on a CPU, gpu elsewhere."""
+    kind, why = presets.detect_accelerator()
+    return ("smoke" if kind == "cpu" else "gpu"), why
+
+
+def get_config(preset: str = "auto") -> ml_collections.ConfigDict:
     if preset not in PRESETS:
         raise ValueError(f"unknown CIFAR-10 preset {preset!r}; use one of {PRESETS}")
+    if preset == "auto":
+        preset = auto_preset()[0]
     config = search.default_config()  # the paper's settings
     config.data.name = "cifar10"
     config.skeleton.kind = "cifar"

@@ -34,6 +34,7 @@ def get_config(preset: str = "paper"):
     config.data.validation_size = 0  # final training uses all 50,000 training images
     config.checkpoint_every_epochs = 10
     config.eval_every_epochs = 10
+    config.compilation_cache_dir = train.AUTO_CACHE  # <workdir>/xla_cache: a rerun skips XLA
     if preset == "smoke":
         config.epochs = 2
         config.milestones = (1,)
