@@ -10,6 +10,8 @@
 #   round0  round 0 of the gpu preset: sequential vs compile-ahead vs warm cache  <= 390 s
 #   flags   narrowing the autotuner, each setting on a cold cache                  <= 5 x 150 s
 #   grown4  a round grown from a 4-cell base                                       <= 360 s
+#   result  the README's results chain: gpu_quick search, final training of its answer and of
+#           ResNet-20 (train_final.py:quick), compare.py                             <= 600 s
 # Everything lands in $OUT (logs and the RESULT lines); each part has its own timeout, so a part
 # that times out leaves the others' figures.
 set -uo pipefail
@@ -51,4 +53,20 @@ done
 # A round grown from a 4-cell base (bigger programs).
 [[ " $PARTS " == *" grown4 "* ]] && part 360 grown4 python3 benchmarks/search_throughput.py --preset gpu --round 1 --base_cells 4 \
   --candidates 4 $SUBSET --modes sequential,ahead
+# The results chain (README, "Results"): work directories in /tmp, the reports copied to $OUT.
+if [[ " $PARTS " == *" result "* ]]; then
+  R=/tmp/runs; mkdir -p "$R" "$OUT/results"
+  part 330 result_search python3 experiments/cifar10_search.py \
+    --config=experiments/configs/cifar10.py:gpu_quick --workdir=$R/quick \
+    --config.output.progress_bar=false --config.data.validation_size=2000
+  FINAL="--config=experiments/configs/train_final.py:quick"
+  part 150 result_final python3 experiments/train_final.py $FINAL \
+    --arch=$R/quick/best_architecture.json --workdir=$R/final
+  part 90 result_resnet20 python3 experiments/train_final.py $FINAL --baseline=resnet20 \
+    --workdir=$R/resnet20
+  part 30 result_compare python3 experiments/compare.py --search=$R/quick \
+    --final=$R/final,$R/resnet20 --out="$OUT/results"
+  cp $R/quick/{best.json,leaderboard.md,pareto.png,candidates.jsonl} "$OUT/results/" 2>/dev/null
+  for d in final resnet20; do cp $R/$d/result.json "$OUT/results/$d.json" 2>/dev/null; done
+fi
 log done

@@ -2,8 +2,11 @@
 
     python experiments/train_final.py --arch=arch.json --workdir=/tmp/final \
         [--config=experiments/configs/train_final.py:smoke] [--config.epochs=10]
+    python experiments/train_final.py --baseline=resnet20 --workdir=/tmp/resnet20   # same recipe
 
---arch is an `Architecture.to_json()` file. Checkpoints go to <workdir>/checkpoints (rerunning
+--arch is an `Architecture.to_json()` file; --baseline names a hand-designed network
+(`memnas_jax.baselines`), trained with the same recipe and data and measured the same way: float32
+parameters plus the peak of live activations at batch 1 (`memory.analyze`). Checkpoints go to <workdir>/checkpoints (rerunning
 the same command resumes), compiled programs to <workdir>/xla_cache, the result to
 <workdir>/result.json. On a CPU host the run uses
 `--host_devices` XLA devices (default: one per core, up to 8) with the batch split over them.
@@ -26,8 +29,10 @@ from memnas_jax import sharding  # noqa: E402  (imports jax, starts no backend)
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(pathlib.Path(__file__).parent / "configs" / "train_final.py"),
     "Training config file, optionally with :preset.")
-_ARCH = flags.DEFINE_string("arch", None, "Path to an architecture JSON (Architecture.to_json).",
-                            required=True)
+_ARCH = flags.DEFINE_string("arch", None, "Path to an architecture JSON (Architecture.to_json, "
+                            "e.g. a search's best_architecture.json).")
+_BASELINE = flags.DEFINE_string("baseline", None, "Or a hand-designed baseline: resnet20, "
+                                "resnet56, resnet110 or mobilenetv2 (memnas_jax.baselines).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and result.json.",
                                required=True)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the initialisation and the data order.")
@@ -37,7 +42,7 @@ _HOST_DEVICES = flags.DEFINE_integer(
 
 
 def _format_bytes(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB ({n:,} B)"
+    return f"{n / 1e6:.3f} MB ({n:,} B)"
 
 
 def main(argv):
@@ -62,55 +67,73 @@ def _read_architecture(path: str):
 
 
 def _main():
+    if bool(_ARCH.value) == bool(_BASELINE.value):
+        from memnas_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+        raise UserError("give exactly one of --arch=FILE (a searched architecture) and "
+                        "--baseline=NAME (resnet20, resnet56, resnet110, mobilenetv2)")
     sharding.set_host_device_count(_HOST_DEVICES.value or min(os.cpu_count() or 1, 8))
     sharding.disable_cpu_ynn_fusions()  # ~6x faster CPU convolutions (jaxlib 0.10)
-    import jax  # pylint: disable=import-outside-toplevel
-    from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-    from memnas_jax import train  # pylint: disable=import-outside-toplevel
-    from memnas_jax.errors import WorkdirError  # pylint: disable=import-outside-toplevel
-    from memnas_jax.io import atomic_write  # pylint: disable=import-outside-toplevel
+    from memnas_jax import baselines, workdir_lock  # pylint: disable=import-outside-toplevel
+    from memnas_jax.errors import UserError  # pylint: disable=import-outside-toplevel
 
     sharding.initialize_distributed()
     config = _CONFIG.value
     workdir = pathlib.Path(_WORKDIR.value)
-    arch = _read_architecture(_ARCH.value)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / ".write_test").write_bytes(b"")
-        (workdir / ".write_test").unlink()
-    except OSError as e:
-        raise WorkdirError(f"cannot write the work directory {workdir} ({e.strerror or e}); "
-                           "choose another --workdir") from None
+    arch = _read_architecture(_ARCH.value) if _ARCH.value else None
+    if _BASELINE.value and _BASELINE.value not in baselines.BASELINES:
+        raise UserError(f"--baseline={_BASELINE.value} is not one of {baselines.BASELINES}")
+    import jax  # pylint: disable=import-outside-toplevel  # after the XLA flags above
+    if jax.process_index() != 0:  # process 0 writes the work directory and owns it
+        return _train_and_report(config, workdir, arch)
+    workdir_lock.prepare_workdir(workdir)
+    with workdir_lock.WorkdirLock(workdir, "final training"):  # one owner per work directory
+        return _train_and_report(config, workdir, arch)
+
+
+def _train_and_report(config, workdir: pathlib.Path, arch) -> int:
+    import jax  # pylint: disable=import-outside-toplevel
+    from memnas_jax import accounting, baselines, train  # pylint: disable=import-outside-toplevel
+    from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    from memnas_jax.io import atomic_write  # pylint: disable=import-outside-toplevel
+    from memnas_jax.network import MemNASNetwork  # pylint: disable=import-outside-toplevel
     if not config.checkpoint_dir:
         config.checkpoint_dir = str(workdir / "checkpoints")
     config.compilation_cache_dir = train.compilation_cache_path(config.compilation_cache_dir,
                                                                 workdir)
 
     dataset = data_lib.load_dataset(config.data)
-    skeleton = train.skeleton_from_config(config, dataset)
     logging.info("data: %s", dataset.describe())
-    logging.info("architecture:\n%s", arch)
     logging.info("devices: %s", jax.devices())
-    result = train.train_candidate(arch, config, dataset, jax.random.PRNGKey(_SEED.value),
-                                   skeleton=skeleton)
+    dtype = train.DTYPES[config.dtype]
+    if arch is not None:
+        skeleton = train.skeleton_from_config(config, dataset)
+        logging.info("architecture:\n%s", arch)
+        model = MemNASNetwork(arch, skeleton, depthwise_impl=train.resolve_depthwise_impl(
+            config.depthwise_impl), dtype=dtype)
+        # The memory accounting at float32 with XLA's own depthwise op, as for the baselines.
+        measured = MemNASNetwork(arch, skeleton, depthwise_impl="xla")
+        name, kind = f"searched {arch.canonical_hash()[:10]}", "searched"
+    else:
+        model = baselines.baseline_model(_BASELINE.value, dataset.num_classes, dtype)
+        measured = baselines.baseline_model(_BASELINE.value, dataset.num_classes)
+        name, kind = _BASELINE.value, "baseline"
+    result = train.train_candidate(None, config, dataset, jax.random.PRNGKey(_SEED.value),
+                                   model=model)
+    mem = dict(accounting.measure(measured, dataset.image_shape).to_dict(), batch_size=1)
 
-    report = {"config": config.to_dict(), "architecture": json.loads(arch.to_json()),
-              "skeleton": skeleton.to_dict(), "result": result.to_dict()}
-    lines = [f"status: {result.status}" + (f" ({result.message})" if result.message else ""),
+    report = {"name": name, "kind": kind, "config": config.to_dict(),
+              "architecture": json.loads(arch.to_json()) if arch is not None else None,
+              "baseline": _BASELINE.value or None, "result": result.to_dict(), "memory": mem}
+    lines = [f"{name}: status {result.status}" + (f" ({result.message})" if result.message
+                                                  else ""),
              f"test accuracy: {result.test_accuracy}",
              f"parameters: {result.param_count:,}",
              f"epochs: {result.epochs_done}, {result.images_per_second:.0f} images/s, "
-             f"compile {result.compile_seconds:.1f} s, wall {result.wall_seconds:.1f} s"]
-    try:
-        from memnas_jax.memory import memory_report  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        memory_report = None
-    if memory_report is not None:
-        memory = memory_report(arch, skeleton)
-        report["memory"] = memory.to_dict()
-        lines += [f"parameter memory: {_format_bytes(memory.param_bytes)}",
-                  f"working memory: {_format_bytes(memory.working_bytes)}",
-                  f"total memory: {_format_bytes(memory.total_bytes)}"]
+             f"compile {result.compile_seconds:.1f} s, wall {result.wall_seconds:.1f} s",
+             f"parameter memory: {_format_bytes(mem['param_bytes'])}",
+             f"working memory: {_format_bytes(mem['working_bytes'])} (peak live activations, "
+             "batch 1)",
+             f"total memory: {_format_bytes(mem['total_bytes'])}"]
     atomic_write(workdir / "result.json", json.dumps(report, indent=2, default=str))
     print("\n".join(lines))
     return 0 if result.ok else 1

@@ -31,7 +31,7 @@ import urllib.request
 
 import numpy as np
 
-from memnas_jax.io import atomic_write
+from memnas_jax.io import StorageError, atomic_write
 
 DATA_DIR_ENV = "MEMNAS_DATA_DIR"
 CHUNK = 1 << 20
@@ -181,6 +181,8 @@ def convert(spec: Archive, path: pathlib.Path, target: pathlib.Path) -> None:
                 np.savez(buffer, image=np.concatenate([p[0] for p in parts]),
                          label=np.concatenate([p[1] for p in parts]))
                 atomic_write(target / f"{split}.npz", buffer.getvalue())
+    except StorageError:  # the disk, not the archive: keep it
+        raise
     except (tarfile.TarError, KeyError, EOFError, OSError) as e:
         path.unlink(missing_ok=True)
         raise DownloadError(f"{path} is not a readable {spec.name} archive ({type(e).__name__}: "

@@ -47,7 +47,7 @@ MB = 1e6
 _ENTRY_FIELDS = ("hash", "kind", "description", "cells_per_block", "param_count", "param_bytes",
                  "working_bytes", "total_bytes", "status", "accuracy", "reward",
                  "predicted_score", "reused_from_round", "final_val_accuracy", "test_accuracy",
-                 "best_val_epoch", "epochs_done", *TIMING_FIELDS, "message")
+                 "best_val_epoch", "epochs_done", *TIMING_FIELDS, "message", "failure")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,20 +397,28 @@ def write_tables(state: dict, workdir: str | os.PathLike, leaderboard_rows: int 
     if best["best"] is not None:
         from memnas_jax.encoding import from_json  # pylint: disable=import-outside-toplevel
         atomic_write(workdir / BEST_ARCHITECTURE_FILE,
-                          from_json(best["best"]["architecture"]).to_json(indent=1) + "\n")
+                     from_json(best["best"]["architecture"]).to_json(indent=1) + "\n")
     atomic_write(workdir / LEADERBOARD_FILE, leaderboard_markdown(state, leaderboard_rows))
 
 
 def write_all(state: dict, workdir: str | os.PathLike, *, plots: bool = True,
               tensorboard: bool = True, leaderboard_rows: int = 20) -> None:
-    """The tables, and the plots and TensorBoard logs when asked (at round ends)."""
+    """The tables, and the plots and TensorBoard logs when asked (at round ends). A table that
+    cannot be written stops the caller (`io.StorageError`); a plot or TensorBoard log that
+    fails is logged and skipped: they are views, and must never stop a search."""
     workdir = pathlib.Path(workdir)
     write_tables(state, workdir, leaderboard_rows)
+    views = []
     if plots:
-        plot_pareto(state, workdir / PARETO_FILE)
-        plot_trajectory(state, workdir / TRAJECTORY_FILE)
+        views += [(plot_pareto, workdir / PARETO_FILE), (plot_trajectory, workdir / TRAJECTORY_FILE)]
     if tensorboard:
-        write_tensorboard(state, workdir / TENSORBOARD_DIR)
+        views.append((write_tensorboard, workdir / TENSORBOARD_DIR))
+    for render, path in views:
+        try:
+            render(state, path)
+        except Exception as e:  # pylint: disable=broad-except  # a view never stops a search
+            logging.warning("could not write %s (%s: %s); skipped, the search goes on", path,
+                            type(e).__name__, e)
 
 
 def read_candidates(workdir: str | os.PathLike) -> list[dict]:

@@ -50,7 +50,9 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import shutil
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -63,12 +65,13 @@ from memnas_jax import candidate_parallel
 from memnas_jax.compile_ahead import CompileAhead, resolve_depth
 from memnas_jax import controller as controller_lib
 from memnas_jax import data as data_lib
-from memnas_jax import distributed
+from memnas_jax import distributed, preemption
 from memnas_jax import ranking, reports
 from memnas_jax import train as train_lib
 from memnas_jax.encoding import NUM_OPS, Architecture, from_json
-from memnas_jax.errors import ConfigError, UserError, WorkdirError
+from memnas_jax.errors import ConfigError, UserError
 from memnas_jax.io import atomic_write
+from memnas_jax.workdir_lock import WorkdirLock, prepare_workdir
 from memnas_jax.grow_trim import Candidate, GrowTrimOptions, generate_candidates, initial_candidates
 from memnas_jax.memory import CONVENTIONS, memory_report
 from memnas_jax.reward import RewardConfig, memory_efficient_reward
@@ -84,7 +87,9 @@ ROUND0_SELECTIONS = ("accuracy", "median_reward")
 CONTROLLER_TARGETS = ("reward", "accuracy")
 ACCURACY_METRICS = ("best_val_accuracy", "final_val_accuracy", "test_accuracy")
 # Config fields that change no result, so a workdir may be resumed with other values.
-RUN_ONLY_FIELDS = ("resume_with_changed_config", "output", "data.download",
+RUN_ONLY_FIELDS = ("resume_with_changed_config", "preemption_grace_seconds", "output",
+                   "data.download",
+                   "search.time_budget_minutes", "search.max_consecutive_oom",
                    "train.compilation_cache_dir",
                    "train.eval_compiler_options", "train.host_threads", "parallel",
                    "distributed")
@@ -115,6 +120,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.resume_with_changed_config = False  # resume a workdir made with another config anyway
     c.host_device_count = 0  # > 0: this many XLA CPU devices (set by the experiment mains)
     c.cpu_ynn_fusions = False  # keep XLA:CPU's YNNPACK fusions (~6x slower convs on our CPUs)
+    # SIGTERM / Ctrl-C: stop after the current step, save, exit 75; at the latest after this
+    c.preemption_grace_seconds = preemption.DEFAULT_GRACE_SECONDS
     trainer = train_lib.default_config()
     c.data = trainer.data
     c.skeleton = trainer.skeleton
@@ -144,6 +151,12 @@ def default_config() -> ml_collections.ConfigDict:
         round0_selection="accuracy",  # or "median_reward" (module docstring)
         controller_target="reward",  # or "accuracy"
         stop_when_no_improvement=True,
+        # Stop when this many candidates in a row ran out of device memory (0 = never): the
+        # batch, not the candidates, is too large for the device.
+        max_consecutive_oom=5,
+        # > 0: stop at the first round boundary after this much wall time (all runs of the
+        # search together); rerun with a larger budget to continue exactly where it stopped.
+        time_budget_minutes=0.0,
         accuracy_metric="best_val_accuracy",  # or "final_val_accuracy", "test_accuracy"
         evaluate_test=False,  # also evaluate each candidate on the test split
         reuse_trained=True,  # a candidate met again in a later round keeps its results
@@ -187,6 +200,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           ("full_train_cap", 0), ("top_k", 1)):
         _check_int(s[name], f"search.{name}", minimum)
     _check_int(config.seed, "seed", 0)
+    if not time_budget_seconds(config) >= 0:
+        raise ValueError("config.search.time_budget_minutes must be >= 0 (0 = no budget), got "
+                         f"{config.search.time_budget_minutes!r}")
     _check_int(candidate_groups(config), "parallel.candidate_groups", 1)
     _check_int((config.get("parallel") or {}).get("compile_ahead", 0), "parallel.compile_ahead",
                -1)
@@ -368,15 +384,19 @@ def _memory_entry(candidate: Candidate, skeleton: Skeleton, convention: str) -> 
                 working_bytes=report.working_bytes, total_bytes=report.total_bytes)
 
 
+# The result fields of an entry, as they are before it trains.
+_RESULT_FIELDS = dict(status="pending", accuracy=None, reward=None, reused_from_round=None,
+                      final_val_accuracy=None, test_accuracy=None, best_val_epoch=None,
+                      epochs_done=None, train_seconds=None, compile_seconds=None,
+                      images_per_second=None, message="", failure=None)
+
+
 def _new_entry(candidate: Candidate, memory: dict, predicted_score: float | None) -> dict:
     return dict(
         hash=candidate.arch_hash, kind=candidate.kind, description=candidate.describe(),
         cells_per_block=list(candidate.architecture.cells_per_block),
         architecture=candidate.architecture.to_dict(), **memory,
-        predicted_score=predicted_score, status="pending", accuracy=None, reward=None,
-        reused_from_round=None, final_val_accuracy=None, test_accuracy=None,
-        best_val_epoch=None, epochs_done=None, train_seconds=None, compile_seconds=None,
-        images_per_second=None, message="")
+        predicted_score=predicted_score, **_RESULT_FIELDS)
 
 
 def _base_summary(entry: dict, round_index: int) -> dict:
@@ -564,9 +584,12 @@ class _Search:
     controller_state: controller_lib.ControllerState | None = None
     controller_state_round: int | None = None
     seconds_trained: list = dataclasses.field(default_factory=list)  # this process's candidates
+    run_start: float = dataclasses.field(default_factory=time.perf_counter)
+    elapsed_before: float = 0.0  # wall seconds of the earlier runs of this search
 
     # ----- persistence
     def save(self, plots: bool = False) -> None:
+        self.state["elapsed_seconds"] = self.elapsed_seconds()
         if not self.writer:
             return
         save_state(self.state, self.workdir)
@@ -643,6 +666,8 @@ class _Search:
                         self.record_result(entry, results[i])
                         self.state["num_trained"] += 1
                         self.seconds_trained.append(results[i].wall_seconds)
+                        if self.out_of_memory_stop():
+                            return
                         if len(self.seconds_trained) == _ESTIMATE_AFTER:
                             self.log_plan()
                     if reference is not None and entry["status"] == "ok":
@@ -650,12 +675,30 @@ class _Search:
                     self.save()
                     _log_entry(rnd, i, entry)
                     bar.update(1)
+                    preemption.check()  # between candidates: the state is saved
                 ok = [e["accuracy"] for e in entries if e["status"] == "ok"]
                 if ok:
                     bar.set_postfix(best_acc=f"{100 * max(ok):.2f}%")
         finally:
             ahead.close()
             bar.close()
+
+    def out_of_memory_stop(self) -> str | None:
+        """Why to stop when the last `search.max_consecutive_oom` trained candidates all ran
+        out of device memory (counted over the state, so a resume keeps the streak)."""
+        limit = self.config.search.get("max_consecutive_oom", 0)
+        streak = 0
+        for _, entry in reports.trained_entries(self.state):
+            if entry.get("reused_from_round") is not None:
+                continue
+            streak = streak + 1 if entry.get("failure") == "out_of_memory" else 0
+        if not limit or streak < limit:
+            return None
+        return (f"{streak} {OOM_STOP}: the setting, not "
+                "the candidates, is too large for the device. Try a smaller train.batch_size, "
+                "a memory.budget_mb, fewer parallel.candidate_groups or parallel.compile_ahead "
+                "(compiled programs wait in memory); then rerun the same command with "
+                "--allow_config_change")
 
     def compile_ahead_depth(self) -> int:
         """Candidates to compile ahead: with one candidate group and a trainer that can compile
@@ -679,8 +722,8 @@ class _Search:
     def copy_result(entry: dict, previous: tuple[int, dict]) -> None:
         round_index, source = previous
         for key in ("status", "accuracy", "final_val_accuracy", "test_accuracy",
-                    "best_val_epoch", "epochs_done", "message"):
-            entry[key] = source[key]
+                    "best_val_epoch", "epochs_done", "message", "failure"):
+            entry[key] = source.get(key)
         entry.update(train_seconds=0.0, compile_seconds=0.0, images_per_second=0.0,
                      reused_from_round=source["reused_from_round"] if source[
                          "reused_from_round"] is not None else round_index)
@@ -706,7 +749,8 @@ class _Search:
             final_val_accuracy=result.final_val_accuracy, test_accuracy=result.test_accuracy,
             best_val_epoch=result.best_val_epoch, epochs_done=result.epochs_done,
             train_seconds=result.wall_seconds, compile_seconds=result.compile_seconds,
-            images_per_second=result.images_per_second, message=message)
+            images_per_second=result.images_per_second, message=message,
+            failure=(getattr(result, "failure", "") or "error") if status == "failed" else None)
 
     def fit_controller(self, rnd: dict, warm_start: bool = True) -> None:
         """Refits the controller on every successful candidate of the rounds up to `rnd`,
@@ -752,10 +796,26 @@ class _Search:
         logging.info("search finished: %s", reason)
         self.save(plots=True)
 
+    def elapsed_seconds(self) -> float:
+        """Wall time spent on this search, all runs and resumes together."""
+        return self.elapsed_before + time.perf_counter() - self.run_start
+
+    def over_time_budget(self) -> bool:
+        """Whether `search.time_budget_minutes` is spent (process 0's clock decides for all)."""
+        budget = time_budget_seconds(self.config)
+        over = np.asarray(budget > 0 and self.elapsed_seconds() >= budget)
+        return bool(distributed.same_on_all_processes(over))
+
     def run(self) -> None:
         config = self.config
         while self.state["status"] != "finished":
             rounds = self.state["rounds"]
+            if rounds and rounds[-1]["phase"] == "done" and self.over_time_budget():
+                # Between rounds, the controller fitted: a larger budget resumes exactly here.
+                self.finish(f"{TIME_BUDGET_STOP} ({time_budget_seconds(config) / 60:g} minutes)"
+                            f" after round {rounds[-1]['round']}, "
+                            f"{self.elapsed_seconds() / 60:.1f} minutes in")
+                break
             if not rounds or rounds[-1]["phase"] == "done":
                 r = len(rounds)
                 base = None
@@ -773,6 +833,10 @@ class _Search:
             rnd = rounds[-1]
             if rnd["phase"] == "training":
                 self.train_pending(rnd)
+                reason = self.out_of_memory_stop()
+                if reason:  # the round stays in training: a rerun with a smaller batch goes on
+                    self.finish(reason)
+                    break
                 select_winner(rnd, config)
                 rnd["phase"] = "selected"
                 _log_round(rnd)
@@ -791,6 +855,25 @@ class _Search:
 
 
 _ESTIMATE_AFTER = 3  # candidates trained in this process before the duration is estimated
+TIME_BUDGET_STOP = "time budget reached"
+OOM_STOP = "candidates in a row ran out of accelerator memory"
+
+
+def _reopen_after_out_of_memory(state: dict) -> None:
+    """A search stopped by out-of-memory failures, rerun (with a smaller batch, say): its
+    out-of-memory candidates of the round in flight are trained again."""
+    rnd = state["rounds"][-1]
+    retry = [e for e in rnd["entries"] if e.get("failure") == "out_of_memory"]
+    for entry in retry:
+        entry.update(_RESULT_FIELDS)
+    state["num_trained"] -= len(retry)
+    state["status"], state["stop_reason"] = "running", None
+    logging.info("the search stopped on out-of-memory failures: training its %d candidates "
+                 "again", len(retry))
+
+
+def time_budget_seconds(config: ml_collections.ConfigDict) -> float:
+    return 60.0 * float(config.search.get("time_budget_minutes", 0.0) or 0.0)
 
 
 def planned_candidates(state: dict, config: ml_collections.ConfigDict) -> list[int]:
@@ -897,7 +980,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     its candidates compiled ahead (`config.parallel.compile_ahead`), the programs passed back
     as `train_fn(..., programs=future)`.
     Raises ConfigMismatchError when `workdir` holds a search made with another config (unless
-    `config.resume_with_changed_config`), StateError when its state files are unreadable.
+    `config.resume_with_changed_config`), StateError when its state files are unreadable,
+    WorkdirLockedError when another live process runs a search there (all `UserError`s).
     """
     try:
         check_config(config)
@@ -905,15 +989,15 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         raise ConfigError(str(e)) from None
     workdir = pathlib.Path(workdir).absolute()
     writer = jax.process_index() == 0
-    if writer:
-        try:
-            workdir.mkdir(parents=True, exist_ok=True)
-            probe = workdir / f".write_test.{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise WorkdirError(f"cannot write the work directory {workdir} ({e.strerror or e}); "
-                               "choose another --workdir") from None
+    if not writer:
+        return _run_search(config, workdir, writer, train_fn)
+    prepare_workdir(workdir)
+    with WorkdirLock(workdir, "search"):  # one owner: a second search here is refused
+        return _run_search(config, workdir, writer, train_fn)
+
+
+def _run_search(config: ml_collections.ConfigDict, workdir: pathlib.Path, writer: bool,
+                train_fn: TrainFn | None) -> SearchResult:
     relevant, config_hash = config_fingerprint(config)
     state = load_state(workdir) if workdir.exists() else None
     if state is not None and state["config_hash"] != config_hash:
@@ -930,7 +1014,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if not config.search.evaluate_test:
         dataset = dataclasses.replace(dataset, test=None)
     if config.search.accuracy_metric != "test_accuracy" and dataset.validation is None:
-        raise ValueError(f"dataset {dataset.name!r} has no validation split to select "
+        raise ConfigError(f"dataset {dataset.name!r} has no validation split to select "
                          "candidates on: set config.data.validation_size > 0")
     skeleton = train_lib.skeleton_from_config(config, dataset)
     if state is None:
@@ -943,9 +1027,19 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     state["summary"] = _summary(config, skeleton)
     if writer:
         atomic_write(workdir / CONFIG_FILE,
-                                  json.dumps(_plain(config), indent=1, sort_keys=True) + "\n")
+                     json.dumps(_plain(config), indent=1, sort_keys=True) + "\n")
+    if (state["status"] == "finished" and str(state.get("stop_reason")).startswith(
+            TIME_BUDGET_STOP) and (not time_budget_seconds(config) or time_budget_seconds(
+            config) > state.get("elapsed_seconds", 0.0))):
+        logging.info("the search stopped on its time budget; continuing it with %s",
+                     f"{config.search.time_budget_minutes:g} minutes"
+                     if time_budget_seconds(config) else "no budget")
+        state["status"], state["stop_reason"] = "running", None
+    if state["status"] == "finished" and OOM_STOP in str(state.get("stop_reason")):
+        _reopen_after_out_of_memory(state)
     search = _Search(config, workdir, state, skeleton,
-                     train_fn or CandidateTrainer(config, dataset, workdir), writer)
+                     train_fn or CandidateTrainer(config, dataset, workdir), writer,
+                     elapsed_before=float(state.get("elapsed_seconds", 0.0)))
     if state["status"] == "finished":
         search.save(plots=True)  # regenerate the outputs, nothing to run
     else:
@@ -987,7 +1081,14 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     logging.info("JAX %s on %s: %d process(es), %d local device(s)", jax.__version__,
                  jax.default_backend(), jax.process_count(), jax.local_device_count())
     start = time.perf_counter()
-    result = run_search(config, workdir)
+    preemption.install(config.get("preemption_grace_seconds", preemption.DEFAULT_GRACE_SECONDS))
+    try:
+        result = run_search(config, workdir)
+    except preemption.Preempted:
+        command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+        logging.warning("search stopped on request after %.1f s; its state is saved. Resume "
+                        "it with the same command:\n  %s", time.perf_counter() - start, command)
+        raise SystemExit(preemption.EXIT_PREEMPTED) from None
     if result.architecture is None:
         logging.info("search stopped without a result: %s", result.stop_reason)
     else:

@@ -36,7 +36,7 @@ import optax
 from absl import logging
 
 from memnas_jax import data as data_lib
-from memnas_jax import sharding
+from memnas_jax import preemption, sharding
 from memnas_jax.encoding import Cell
 from memnas_jax.space import Skeleton, cifar_skeleton, imagenet_skeleton
 
@@ -268,6 +268,7 @@ class TrainResult:
     epoch_seconds: tuple[float, ...] = ()  # training time of each epoch run here (no compile)
     train_flops_per_image: float | None = None  # XLA's cost_analysis of the train step
     compile_wait_seconds: float = 0.0  # how long training waited for its programs
+    failure: str = ""  # status "failed": "out_of_memory" (RESOURCE_EXHAUSTED) or "error"
     variables: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False,
                                                              repr=False)  # host numpy
 
@@ -284,12 +285,19 @@ class TrainResult:
         return d
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether XLA ran out of device memory (compiling or running): RESOURCE_EXHAUSTED."""
+    text = f"{type(error).__name__}: {error}"
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
 def _failed(message: str, start: float, **known: Any) -> TrainResult:
     fields = dict(best_val_accuracy=None, best_val_epoch=None, final_val_accuracy=None,
                   test_accuracy=None, loss_curve=(), val_accuracy_curve=(), epochs_done=0,
                   resumed_from_epoch=0, param_count=0, compile_seconds=0.0,
                   images_per_second=0.0)
     fields.update(known)
+    fields.setdefault("failure", "error")
     return TrainResult(status="failed", message=message,
                        wall_seconds=time.perf_counter() - start, **fields)
 
@@ -660,7 +668,8 @@ def train_candidate(arch: Iterable[Iterable[Cell]] | None, config: ml_collection
         return _train(arch, config, data, rng, skeleton, model, programs, start)
     except Exception as e:  # pylint: disable=broad-except  # a candidate must never kill a search
         logging.warning("candidate failed: %s", traceback.format_exc())
-        return _failed(f"{type(e).__name__}: {_first_line(e, 2000)}", start)
+        return _failed(f"{type(e).__name__}: {_first_line(e, 2000)}", start,
+                       failure="out_of_memory" if is_out_of_memory(e) else "error")
 
 
 def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainResult:
@@ -724,6 +733,7 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
             metrics = _scalars(mesh, loss_sum=np.float32(0), steps=np.int32(0))
             for i, batch in enumerate(epoch_batches(epoch)):
                 state, metrics = programs.train_step(state, metrics, *batch)
+                preemption.check()  # a stop request: leave after this step (Preempted)
                 if config.nan_check_every_steps and (i + 1) % config.nan_check_every_steps == 0:
                     if not np.isfinite(float(jax.device_get(metrics["loss_sum"]))):
                         break
@@ -823,6 +833,6 @@ __all__ = [
     "AUTO_CACHE", "DTYPES", "STATUSES", "XLA_CACHE_DIR", "CandidatePrograms", "TrainResult",
     "TrainState", "check_config", "compilation_cache_path", "compile_candidate",
     "configure_compilation_cache", "cross_entropy", "default_config",
-    "compiler_options", "make_optimizer", "make_schedule", "resolve_depthwise_impl", "skeleton_from_config",
+    "compiler_options", "is_out_of_memory", "make_optimizer", "make_schedule", "resolve_depthwise_impl", "skeleton_from_config",
     "train_candidate",
 ]

@@ -72,9 +72,13 @@ class ScriptedTrainer:
             raise Interrupted()
         self.calls.append(arch.canonical_hash())
         status = self.outcomes.get(arch.canonical_hash(), "ok")
+        failure = ""
+        if status == "out_of_memory":
+            status, failure = "failed", "out_of_memory"
         acc = self.accuracy(arch, key) if status == "ok" else None
         return TrainResult(
-            status=status, message="" if status == "ok" else f"scripted {status}",
+            status=status, failure=failure,
+            message="" if status == "ok" else f"scripted {failure or status}",
             best_val_accuracy=acc, best_val_epoch=2 if acc else None, final_val_accuracy=acc,
             test_accuracy=None, loss_curve=(1.0,), val_accuracy_curve=(acc,),
             epochs_done=2 if acc else 0, resumed_from_epoch=0, param_count=0,
@@ -279,6 +283,58 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path):
     trainer = ScriptedTrainer()
     again = search.run_search(config, workdir, train_fn=trainer)
     assert trainer.calls == [] and again == resumed
+
+
+def test_time_budget_stops_between_rounds_and_a_larger_one_continues_exactly(tmp_path):
+    config = _config(max_rounds=3, stop_when_no_improvement=False)
+    reference = search.run_search(config, tmp_path / "whole", train_fn=ScriptedTrainer())
+    config.search.time_budget_minutes = 1e-9  # spent by the end of round 0
+    stopped = search.run_search(config, tmp_path / "budget", train_fn=ScriptedTrainer())
+    assert stopped.finished and stopped.stop_reason.startswith("time budget reached")
+    assert "after round 0" in stopped.stop_reason and stopped.num_rounds == 1
+    assert search.load_state(tmp_path / "budget")["elapsed_seconds"] > 0
+    config.search.time_budget_minutes = 0.0  # a run-only field: no --allow_config_change
+    trainer = ScriptedTrainer()
+    resumed = search.run_search(config, tmp_path / "budget", train_fn=trainer)
+    assert resumed.winners == reference.winners and resumed.stop_reason == reference.stop_reason
+    assert (_without_timing(reports.read_candidates(tmp_path / "budget"))
+            == _without_timing(reports.read_candidates(tmp_path / "whole")))
+    with pytest.raises(ValueError, match="time_budget_minutes must be >= 0"):
+        config.search.time_budget_minutes = -1.0
+        search.check_config(config)
+
+
+def test_out_of_memory_streak_stops_with_advice_and_a_rerun_retrains_those(tmp_path):
+    config = _config(max_rounds=2, full_train_cap=6, max_consecutive_oom=2)
+    reference = search.run_search(config, tmp_path / "whole", train_fn=ScriptedTrainer())
+    hashes = [e["hash"] for e in _state(tmp_path / "whole")["rounds"][0]["entries"]]
+    oom = ScriptedTrainer(outcomes={h: "out_of_memory" for h in hashes})
+    stopped = search.run_search(config, tmp_path / "oom", train_fn=oom)
+    assert len(oom.calls) == 2 and stopped.finished and stopped.architecture is None
+    assert "2 candidates in a row ran out of accelerator memory" in stopped.stop_reason
+    assert "train.batch_size" in stopped.stop_reason and "memory.budget_mb" in stopped.stop_reason
+    records = reports.read_candidates(tmp_path / "oom")
+    assert [(r["status"], r["failure"]) for r in records] == [("failed", "out_of_memory")] * 2
+    assert records[0]["total_bytes"] > 0  # the candidate's memory report is in its record
+    # The rerun (a smaller batch, here a trainer that fits) trains those two again and goes on.
+    resumed = search.run_search(config, tmp_path / "oom", train_fn=ScriptedTrainer())
+    assert resumed.winners == reference.winners
+    assert (_without_timing(reports.read_candidates(tmp_path / "oom"))
+            == _without_timing(reports.read_candidates(tmp_path / "whole")))
+
+
+def test_out_of_memory_errors_are_classified(monkeypatch):
+    from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    from memnas_jax import train  # pylint: disable=import-outside-toplevel
+
+    def exhausted(*args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB")
+    monkeypatch.setattr(train, "_train", exhausted)
+    data = data_lib.synthetic_dataset(num_train=64, num_validation=32, num_test=0)
+    result = train.train_candidate(None, train.default_config(), data, jax.random.key(0))
+    assert result.status == "failed" and result.failure == "out_of_memory"
+    assert train.is_out_of_memory(MemoryError("CUDA out of memory"))
+    assert not train.is_out_of_memory(ValueError("shapes do not match"))
 
 
 def test_corrupt_state_falls_back_to_the_previous_copy(tmp_path):

@@ -14,6 +14,8 @@ Presets (override any field on the command line, e.g. `--config.reward.lam=0.8`)
 * gpu: a practical search on one GPU: width 32, 15 epochs at batch 256 with a cosine schedule in
   bfloat16, round 0 all 49 add cells, round 1 sampled to 64 candidates, then the controller's top
   24 per round, 8 rounds (about 260 candidates; its duration was not measured, no GPU here).
+* gpu_quick: the gpu preset cut to a short GPU window (8 epochs, 24 then top-12 candidates per
+  round, stopping after 5 minutes at a round boundary), the first step of the README's results.
 * smoke: a real search on a 2-core CPU in under 15 minutes: a CIFAR-10 subset (2,500 training
   and 500 validation images, from $MEMNAS_DATA_DIR/cifar10/*.npz), width 8, 2 epochs, rounds 0
   and 1 sampled to 5 candidates, rounds 2 and 3 ranked by the controller (top 3): 16 candidates.
@@ -26,7 +28,7 @@ import ml_collections
 
 from memnas_jax import presets, search
 
-PRESETS = ("auto", "paper", "gpu", "smoke", "test")
+PRESETS = ("auto", "paper", "gpu", "gpu_quick", "smoke", "test")
 
 
 def auto_preset() -> tuple[str, str]:
@@ -50,7 +52,7 @@ def get_config(preset: str = "auto") -> ml_collections.ConfigDict:
     # negative reward at lambda 0.5 (e.g. net179 -> net254: +1.3 % accuracy, +85 % working
     # memory), so "stop when no reward > 0" would end their search after round 1.
     config.search.stop_when_no_improvement = False
-    if preset == "gpu":
+    if preset in ("gpu", "gpu_quick"):
         config.skeleton.width = 32
         config.train.update(dict(epochs=15, batch_size=256, eval_batch_size=1000,
                                  learning_rate=0.1, nesterov=True, weight_decay=5e-4,
@@ -59,6 +61,14 @@ def get_config(preset: str = "auto") -> ml_collections.ConfigDict:
         config.grow_trim.round0_combine_modes = ("add",)
         config.search.update(dict(max_rounds=8, full_train_cap=64, top_k=24))
         presets.small_controller(config, max_steps=2000)
+    if preset == "gpu_quick":
+        # The gpu preset cut to a short GPU window: an 8-epoch proxy, 24 candidates per early
+        # round, the controller's top 12 after, stopping at the first round boundary after 5
+        # minutes; then train_final.py:quick trains its answer and ResNet-20 (README, "Results").
+        config.train.update(dict(epochs=8, checkpoint_every_epochs=0))
+        config.search.update(dict(max_rounds=6, full_train_cap=24, top_k=12,
+                                  candidate_checkpoints=False, time_budget_minutes=5.0))
+        presets.small_controller(config, max_steps=1000)
     elif preset == "smoke":
         # One XLA device. Two host devices (--config.host_device_count=2) ran this preset in
         # 9.0 min against 9.7, but change the float summation order and so the search's path.

@@ -3,7 +3,8 @@
     python experiments/train_final.py --config=experiments/configs/train_final.py:paper \
         --arch=arch.json --workdir=/tmp/final
 
-Presets: "paper" (300 epochs, SGD lr 0.01 momentum 0.9, steps at 60/180/240 x0.1, batch 128,
+Presets: "quick" (30 epochs, cosine, SGD 0.1 Nesterov, weight decay 5e-4, batch 256 in bfloat16, w =
+32: the final training of the `gpu_quick` chain, minutes on one GPU), "paper" (300 epochs, SGD lr 0.01 momentum 0.9, steps at 60/180/240 x0.1, batch 128,
 crop + flip + Cutout 16, w = 32, the whole training set, test accuracy at the end) and "smoke"
 (the same code on a few thousand images for two epochs at w = 8, a couple of minutes on a CPU).
 Override any field: --config.epochs=600 --config.skeleton.width=64.
@@ -11,7 +12,7 @@ Override any field: --config.epochs=600 --config.skeleton.width=64.
 
 from memnas_jax import train
 
-PRESETS = ("paper", "smoke")
+PRESETS = ("paper", "quick", "smoke")
 
 
 def get_config(preset: str = "paper"):
@@ -35,6 +36,11 @@ def get_config(preset: str = "paper"):
     config.checkpoint_every_epochs = 10
     config.eval_every_epochs = 10
     config.compilation_cache_dir = train.AUTO_CACHE  # <workdir>/xla_cache: a rerun skips XLA
+    if preset == "quick":
+        config.update(dict(epochs=30, batch_size=256, eval_batch_size=1000, learning_rate=0.1,
+                           nesterov=True, weight_decay=5e-4, schedule="cosine", warmup_epochs=1,
+                           milestones=(), dtype="bfloat16", checkpoint_every_epochs=5,
+                           eval_every_epochs=5))
     if preset == "smoke":
         config.epochs = 2
         config.milestones = (1,)

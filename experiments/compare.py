@@ -1,0 +1,51 @@
+r"""A searched network against the baselines: results.md and results.png.
+
+    python experiments/compare.py --search=runs/quick \
+        --final=runs/quick_final,runs/quick_resnet20 --out=runs/quick
+
+--search is a search's work directory (its answer and Pareto front, proxy-trained); --final lists
+train_final.py work directories (the answer's final training, `--baseline` runs). Every final row
+is measured the same way (float32 parameters + peak live activations at batch 1,
+`memory.analyze`); the paper's CIFAR-10 rows are added as published, drawn hollow.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run without installing
+
+from memnas_jax import comparison, errors  # noqa: E402
+
+_SEARCH = flags.DEFINE_string("search", None, "A search's work directory (optional).")
+_FINAL = flags.DEFINE_list("final", [], "train_final.py work directories.")
+_OUT = flags.DEFINE_string("out", None, "Where results.md and results.png go.", required=True)
+_TITLE = flags.DEFINE_string("title", "MemNAS search against hand-designed baselines",
+                             "Title of the table and the plot.")
+
+
+def _gather():
+    missing = [d for d in ([_SEARCH.value] if _SEARCH.value else []) + _FINAL.value
+               if not pathlib.Path(d).is_dir()]
+    if missing:
+        raise errors.UserError(f"not a directory: {', '.join(missing)}")
+    try:
+        return comparison.gather(_SEARCH.value, _FINAL.value)
+    except (OSError, KeyError, ValueError) as e:
+        raise errors.UserError(f"cannot read the runs ({type(e).__name__}: {e}); --search takes "
+                               "a search's work directory, --final train_final.py ones") from None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    rows = errors.exit_on_user_error(_gather)
+    comparison.write(rows, _OUT.value, _TITLE.value)
+    print(comparison.markdown(rows, _TITLE.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

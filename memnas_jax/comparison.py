@@ -1,0 +1,151 @@
+"""A searched network against the hand-designed baselines, under one memory accounting.
+
+`gather(search_dir, final_dirs)` reads a finished search (its answer and the Pareto front of its
+trained candidates, `best.json`) and the work directories of `experiments/train_final.py` runs
+(the answer's final training and the `--baseline` runs: `result.json`, whose memory figures all
+come from `memory.analyze` at batch 1). `write(rows, out_dir)` writes `results.md` and
+`results.png` (accuracy against total memory). The paper's CIFAR-10 rows are drawn hollow and
+labelled "as published": they are never mixed into our columns, and their memory accounting is
+not ours (README, "Memory accounting").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Sequence
+
+from memnas_jax.io import atomic_write
+
+MB = 1e6
+RESULT_FILE = "result.json"  # what train_final.py writes in its work directory
+# The MemNAS paper's CIFAR-10 table: (name, total MB, parameter MB, top-1 %), as published.
+PUBLISHED = (("MemNAS, lambda 0.5", 5.8, 0.8, 94.0), ("ResNet-56", 6.7, 3.4, 93.0),
+             ("ResNet-110", 9.9, 6.8, None), ("MobileNetV2", 16.3, 13.9, 94.1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One network of the comparison. Accuracies are fractions; memory in bytes."""
+
+    name: str
+    kind: str  # "searched" (final training), "baseline", "search candidate" (proxy training)
+    accuracy: float | None
+    accuracy_of: str  # what the accuracy is: "test, 300 epochs", "validation (proxy, 2 epochs)"
+    param_bytes: int
+    working_bytes: int
+    total_bytes: int
+    epochs: int | None
+    wall_seconds: float | None
+
+
+def final_row(workdir: str | os.PathLike) -> Row:
+    """The row of a train_final.py work directory."""
+    report = json.loads((pathlib.Path(workdir) / RESULT_FILE).read_text())
+    result, mem = report["result"], report["memory"]
+    return Row(name=report["name"], kind=report["kind"], accuracy=result["test_accuracy"],
+               accuracy_of=f"test, {result['epochs_done']} epochs",
+               param_bytes=mem["param_bytes"], working_bytes=mem["working_bytes"],
+               total_bytes=mem["total_bytes"], epochs=result["epochs_done"],
+               wall_seconds=result["wall_seconds"])
+
+
+def search_rows(search_dir: str | os.PathLike) -> list[Row]:
+    """The search's Pareto front (proxy accuracy, the search's own memory model), answer first."""
+    best = json.loads((pathlib.Path(search_dir) / "best.json").read_text())
+    answer = best.get("best")
+    records = [answer] if answer else []
+    records += [r for r in best.get("pareto_front", []) if not answer or r["hash"] != answer["hash"]]
+    return [Row(name=f"{'answer' if i == 0 and answer else 'front'} {r['hash'][:10]} "
+                     f"(round {r.get('round')})",
+                kind="search candidate", accuracy=r.get("accuracy"),
+                accuracy_of="validation (proxy training)", param_bytes=r["param_bytes"],
+                working_bytes=r["working_bytes"], total_bytes=r["total_bytes"], epochs=None,
+                wall_seconds=None) for i, r in enumerate(records)]
+
+
+def gather(search_dir: str | os.PathLike | None, final_dirs: Sequence[str | os.PathLike]
+           ) -> list[Row]:
+    rows = [final_row(d) for d in final_dirs]
+    if search_dir is not None:
+        rows += search_rows(search_dir)
+    return rows
+
+
+def _fmt(x, spec: str, scale: float = 1.0) -> str:
+    if x is None:
+        return "-"
+    return format(x / scale if scale != 1.0 else x, spec)
+
+
+def _percent(x: float | None, scale: float) -> str:
+    return "-" if x is None else f"{scale * x:.{2 if scale == 100 else 1}f} %"
+
+
+def markdown(rows: Sequence[Row], title: str = "Results") -> str:
+    lines = [f"# {title}", "",
+             "Memory: parameters (float32) plus the peak of live activations at batch 1 "
+             "(`memory.analyze`, paper convention), in MB (1e6 bytes).", "",
+             "| network | kind | accuracy | of | param MB | working MB | total MB | epochs | "
+             "wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.kind} | {_percent(r.accuracy, 100)} | "
+            f"{r.accuracy_of} | {_fmt(r.param_bytes, '.3f', MB)} | "
+            f"{_fmt(r.working_bytes, '.3f', MB)} | {_fmt(r.total_bytes, '.3f', MB)} | "
+            f"{_fmt(r.epochs, 'd')} | {_fmt(r.wall_seconds, '.0f')} |")
+    lines += ["", "As published (MemNAS paper, CIFAR-10; their accounting, not ours):", "",
+              "| network | total MB | param MB | top-1 |", "|---|---|---|---|"]
+    for name, total, param, top1 in PUBLISHED:
+        lines.append(f"| {name} | {total} | {param} | {_percent(top1, 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
+    """Accuracy against total memory: our networks filled, the published points hollow."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    styles = {"searched": ("o", "tab:red"), "baseline": ("s", "tab:blue"),
+              "search candidate": (".", "tab:gray")}
+    for kind, (marker, color) in styles.items():
+        chosen = [r for r in rows if r.kind == kind and r.accuracy is not None]
+        if not chosen:
+            continue
+        ax.scatter([r.total_bytes / MB for r in chosen], [100 * r.accuracy for r in chosen],
+                   marker=marker, color=color, label=kind, zorder=3)
+        for r in chosen:
+            if kind != "search candidate":
+                ax.annotate(r.name, (r.total_bytes / MB, 100 * r.accuracy), fontsize=8,
+                            xytext=(4, 4), textcoords="offset points")
+    published = [p for p in PUBLISHED if p[3] is not None]
+    ax.scatter([p[1] for p in published], [p[3] for p in published], facecolors="none",
+               edgecolors="black", label="as published (their accounting)", zorder=2)
+    offsets = [(-4, 8), (4, -14), (-4, -26), (4, 8)]  # the published points sit close together
+    for (name, total, _, top1), (dx, dy) in zip(published, offsets):
+        ax.annotate(f"{name} (as published)", (total, top1), fontsize=7, color="dimgray",
+                    xytext=(dx, dy), textcoords="offset points", ha="right" if dx < 0 else "left")
+    ax.set_xscale("log")
+    ax.margins(y=0.12)
+    ax.set_xlabel("total memory, MB (parameters + peak activations, batch 1)")
+    ax.set_ylabel("top-1 accuracy, %")
+    ax.set_title(title or "Accuracy against total memory")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(rows: Sequence[Row], out_dir: str | os.PathLike, title: str = "Results") -> None:
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.md", markdown(rows, title))
+    plot(rows, out / "results.png", title)
+
+
+__all__ = ["PUBLISHED", "RESULT_FILE", "Row", "final_row", "gather", "markdown", "plot",
+           "search_rows", "write"]

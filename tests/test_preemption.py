@@ -1,0 +1,73 @@
+"""Graceful preemption (memnas_jax.preemption): SIGTERM stops a real search after the current
+step with exit status 75 and the resume command; the resumed search gives the uninterrupted
+records. A second Ctrl-C exits at once; a stop that overruns the grace period is cut short."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from memnas_jax import preemption, reports
+from test_experiments import CIFAR_CONFIG, _without_timing  # tests/ is on sys.path
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _argv(workdir, cache):
+    return [sys.executable, str(REPO_ROOT / "experiments" / "cifar10_search.py"),
+            f"--config={CIFAR_CONFIG}:test", f"--workdir={workdir}",
+            "--config.search.max_rounds=1", "--config.output.progress_bar=false",
+            "--config.train.epochs=30",  # the signal lands inside the second candidate
+            f"--config.train.compilation_cache_dir={cache}"]
+
+
+def test_sigterm_stops_after_a_step_and_the_search_resumes_exactly(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    cache = tmp_path / "cache"
+    subprocess.run(_argv(tmp_path / "whole", cache), env=env, check=True, capture_output=True,
+                   timeout=600)
+    proc = subprocess.Popen(_argv(tmp_path / "stopped", cache), env=env,
+                            stderr=subprocess.PIPE, text=True)
+    lines, epochs = [], 0
+    for line in proc.stderr:  # the second candidate's first epoch: stop it mid-candidate
+        lines.append(line)
+        epochs += "epoch 1/30" in line
+        if epochs == 2:
+            proc.send_signal(signal.SIGTERM)
+            start = time.perf_counter()
+            break
+    _, rest = proc.communicate(timeout=120)
+    log = "".join(lines) + rest
+    assert proc.returncode == preemption.EXIT_PREEMPTED, log[-3000:]
+    assert time.perf_counter() - start < preemption.DEFAULT_GRACE_SECONDS
+    assert "SIGTERM received: stopping after the current training step" in log
+    assert "Resume it with the same command" in log and "Traceback" not in log
+    records = reports.read_candidates(tmp_path / "stopped")
+    assert len(records) == 1  # the candidate in flight stays pending
+    subprocess.run(_argv(tmp_path / "stopped", cache), env=env, check=True,
+                   capture_output=True, timeout=600)
+    assert (_without_timing(reports.read_candidates(tmp_path / "stopped"))
+            == _without_timing(reports.read_candidates(tmp_path / "whole")))
+
+
+def test_second_ctrl_c_exits_at_once_and_the_grace_period_is_enforced(monkeypatch):
+    exits = []
+    monkeypatch.setattr(preemption.os, "_exit", exits.append)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        preemption.reset()
+        preemption.install(grace_seconds=0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs in this (main) thread
+        assert preemption.requested() and exits == []
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert exits == [128 + signal.SIGINT]
+        time.sleep(0.5)  # the grace deadline of the first request
+        assert exits[-1] == preemption.EXIT_PREEMPTED
+    finally:
+        preemption.reset()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,90 @@
+"""The results chain at CPU scale, through the real mains: a search, the final training of its
+answer and of a baseline with the same recipe, and the comparison (results.md, results.png)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from memnas_jax import accounting, baselines, comparison
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO_ROOT / "experiments"
+
+
+def _run(script, *argv, env):
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / script), *map(str, argv)],
+                          capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_baselines_have_the_published_parameter_counts():
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    counts = {}
+    for name in baselines.BASELINES:
+        model = baselines.baseline_model(name)
+        variables = jax.eval_shape(lambda m=model: m.init(jax.random.key(0),
+                                                          jnp.zeros((1, 32, 32, 3))))
+        counts[name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+    # He et al.'s CIFAR ResNets (shortcut A) and MobileNetV2 with a 10-way head at 32 px.
+    assert counts == {"resnet20": 269_722, "resnet56": 853_018, "resnet110": 1_727_962,
+                      "mobilenetv2": 2_236_682}
+    with pytest.raises(ValueError, match="unknown baseline 'vgg16'"):
+        baselines.baseline_model("vgg16")
+
+
+def test_named_accountings_of_resnet20():
+    """ResNet-20's stage 1 holds two 32 x 32 x 16 float32 maps at its peak (the block input for
+    the shortcut and the op being computed); strict adds the op's input; 16 images, 16 times."""
+    model = baselines.baseline_model("resnet20")
+    fmap = 32 * 32 * 16 * 4
+    m = {a: accounting.measure(model, (32, 32, 3), a) for a in accounting.ACCOUNTINGS}
+    assert m["liveness"].working_bytes == 2 * fmap
+    assert m["liveness_strict_b16"].working_bytes == 16 * 3 * fmap
+    # stem + 6 convs at 32 px, 6 at 16 px, 6 at 8 px, and the 10 logits
+    assert m["layer_outputs"].working_bytes == 7 * fmap + 6 * fmap // 2 + 6 * fmap // 4 + 40
+    assert 3 * m["layer_outputs"].working_bytes < m["training_activations"].working_bytes
+    assert {x.param_bytes for x in m.values()} == {4 * 269_722}
+    assert m["liveness"].total_bytes == 4 * 269_722 + 2 * fmap
+    with pytest.raises(ValueError, match="unknown accounting"):
+        accounting.measure(model, (32, 32, 3), "vibes")
+
+
+@pytest.mark.slow
+def test_search_final_training_baseline_and_comparison(data_dir, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MEMNAS_DATA_DIR=str(data_dir))
+    search_dir, final_dir, base_dir, out = (tmp_path / n for n in ("search", "final", "resnet20",
+                                                                   "results"))
+    _run("cifar10_search.py", f"--config={EXPERIMENTS / 'configs' / 'cifar10.py'}:test",
+         f"--workdir={search_dir}", "--config.search.max_rounds=2",
+         "--config.output.progress_bar=false", env=env)
+    recipe = [f"--config={EXPERIMENTS / 'configs' / 'train_final.py'}:smoke",
+              "--config.epochs=1", "--config.data.train_subset=1000",
+              "--config.data.test_subset=500", "--host_devices=1"]
+    _run("train_final.py", f"--arch={search_dir / 'best_architecture.json'}",
+         f"--workdir={final_dir}", *recipe, env=env)
+    _run("train_final.py", "--baseline=resnet20", f"--workdir={base_dir}", *recipe, env=env)
+    report = json.loads((base_dir / "result.json").read_text())
+    assert report["kind"] == "baseline" and report["result"]["param_count"] == 269_722
+    # One accounting: float32 parameters + the batch-1 liveness peak of the inference pass.
+    assert report["memory"]["param_bytes"] == 4 * 269_722
+    assert report["memory"]["working_bytes"] == 2 * 32 * 32 * 16 * 4  # ResNet stage 1: 2 maps
+    proc = _run("compare.py", f"--search={search_dir}", f"--final={final_dir},{base_dir}",
+                f"--out={out}", env=env)
+    table = (out / "results.md").read_text()
+    assert table in proc.stdout + "\n" or table.strip() in proc.stdout
+    rows = comparison.gather(search_dir, [final_dir, base_dir])
+    assert [r.kind for r in rows[:2]] == ["searched", "baseline"]
+    assert rows[2].name.startswith("answer") and all(r.accuracy is not None for r in rows)
+    for row in rows[:2]:
+        assert f"| {row.name} | {row.kind} | {100 * row.accuracy:.2f} % | test, 1 epochs |" in table
+    assert "As published" in table and "| ResNet-56 | 6.7 | 3.4 | 93.0 % |" in table
+    import matplotlib.image  # pylint: disable=import-outside-toplevel
+    image = matplotlib.image.imread(out / "results.png")
+    assert image.ndim == 3 and image.shape[0] > 400
