@@ -20,8 +20,10 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import math
 import os
+import shutil
 import time
 import traceback
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -599,6 +601,56 @@ def _restore_latest(manager, template: TrainState) -> tuple[TrainState | None, l
     return None, [], "; ".join(notes)
 
 
+PREEMPTED_DIR = "preempted"  # inside checkpoint_dir: the mid-epoch snapshot of a stopped run
+
+
+def _save_snapshot(directory: str, state: TrainState, metrics: dict, history: list[dict]
+                   ) -> None:
+    """The state in the middle of an epoch, with the epoch's running metrics: what a run stopped
+    on request (`memnas_jax.preemption`) resumes from, step for step."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    manager = _checkpoint_manager(directory, 1)
+    try:
+        step = int(jax.device_get(state.step))
+        if step not in manager.all_steps():
+            manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_state_dict(state)),
+                running=ocp.args.StandardSave(metrics),
+                history=ocp.args.JsonSave({"epochs": history})))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+
+
+def _restore_snapshot(directory: str, template: TrainState, mesh
+                      ) -> tuple[TrainState, dict, list] | None:
+    """The mid-epoch snapshot, if there is a readable one (an unreadable one is deleted)."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    if not os.path.isdir(directory):
+        return None
+    manager = _checkpoint_manager(directory, 1)
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(template))
+            metrics = {"loss_sum": jax.ShapeDtypeStruct((), jnp.float32),
+                       "steps": jax.ShapeDtypeStruct((), jnp.int32)}
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract),
+                    running=ocp.args.StandardRestore(metrics), history=ocp.args.JsonRestore()))
+            except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many
+                logging.warning("the mid-epoch snapshot at step %d is unreadable (%s); using the "
+                                "epoch checkpoints", step, _first_line(e))
+                manager.delete(step)
+                continue
+            return (TrainState(**restored["state"]),
+                    sharding.replicate(jax.device_get(restored["running"]), mesh),
+                    list(restored["history"]["epochs"]))
+        return None
+    finally:
+        manager.close()
+
+
 def _first_line(e: BaseException, limit: int = 300) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else "")[:limit]
@@ -700,26 +752,35 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
             notes.append(note)
         if restored is not None:
             state = sharding.replicate(restored, mesh)
+    resumed_metrics = None  # the running metrics of an epoch stopped half-way
+    snapshot_dir = (os.path.join(config.checkpoint_dir, PREEMPTED_DIR) if config.checkpoint_dir
+                    else "")
+    snapshot = _restore_snapshot(snapshot_dir, state, mesh) if snapshot_dir else None
+    if snapshot is not None and int(snapshot[0].epoch) >= int(jax.device_get(state.epoch)):
+        state, resumed_metrics, history = sharding.replicate(snapshot[0], mesh), *snapshot[1:]
+        notes.append(f"resumed in epoch {int(state.epoch) + 1} after step "
+                     f"{int(jax.device_get(resumed_metrics['steps']))} (stopped on request)")
     resumed_from = int(jax.device_get(state.epoch))
 
     # Data.
     if data.on_device:
         train_arrays = sharding.replicate((data.train.images, data.train.labels), mesh)
 
-        def epoch_batches(epoch: int) -> Iterator[tuple]:
+        def epoch_batches(epoch: int, skip: int) -> Iterator[tuple]:
             del epoch  # the permutation comes from the key and epoch in the state
             permutation = jax.device_put(_permutation(state.rng, state.epoch, len(data.train)),
                                          sharding.replicated(mesh))
-            for _ in range(setup.steps_per_epoch):
+            for _ in range(setup.steps_per_epoch - skip):  # the step index is in the metrics
                 yield (*train_arrays, permutation)
     else:
         host_seed = int(jax.device_get(state.rng)[-1])
         rows = sharding.process_batch_rows(mesh, config.batch_size)
 
-        def epoch_batches(epoch: int) -> Iterator[tuple]:
-            for images, labels, _ in data_lib.host_batches(
-                    data.train, config.batch_size, seed=host_seed, epoch=epoch, train=True,
-                    rows=rows, num_threads=config.host_threads):
+        def epoch_batches(epoch: int, skip: int) -> Iterator[tuple]:
+            batches = data_lib.host_batches(
+                data.train, config.batch_size, seed=host_seed, epoch=epoch, train=True,
+                rows=rows, num_threads=config.host_threads)
+            for images, labels, _ in itertools.islice(batches, skip, None):
                 yield sharding.host_batch_to_global((images, labels), mesh, config.batch_size)
 
     evaluator = _Evaluator(programs.eval_step, data, config, mesh)
@@ -731,9 +792,20 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
         for epoch in range(resumed_from, config.epochs):
             epoch_start = time.perf_counter()
             metrics = _scalars(mesh, loss_sum=np.float32(0), steps=np.int32(0))
-            for i, batch in enumerate(epoch_batches(epoch)):
+            if resumed_metrics is not None:
+                metrics, resumed_metrics = resumed_metrics, None
+            skip = int(jax.device_get(metrics["steps"]))
+            for i, batch in enumerate(epoch_batches(epoch, skip), start=skip):
                 state, metrics = programs.train_step(state, metrics, *batch)
-                preemption.check()  # a stop request: leave after this step (Preempted)
+                if preemption.requested():  # a stop request: leave after this step
+                    if snapshot_dir:
+                        try:
+                            _save_snapshot(snapshot_dir, state, metrics, history)
+                        except Exception as e:  # pylint: disable=broad-except  # still stop
+                            logging.warning("could not save the mid-epoch snapshot (%s); the "
+                                            "candidate resumes from its last epoch checkpoint",
+                                            _first_line(e))
+                    raise preemption.Preempted()
                 if config.nan_check_every_steps and (i + 1) % config.nan_check_every_steps == 0:
                     if not np.isfinite(float(jax.device_get(metrics["loss_sum"]))):
                         break
@@ -759,6 +831,8 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
                     config.checkpoint_every_epochs
                     and (epoch + 1) % config.checkpoint_every_epochs == 0)):
                 _save_checkpoint(manager, state, history)
+            if snapshot_dir and epoch == resumed_from and jax.process_index() == 0:
+                shutil.rmtree(snapshot_dir, ignore_errors=True)  # the epoch it stopped in is done
     finally:
         if manager is not None:
             manager.wait_until_finished()

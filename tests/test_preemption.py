@@ -9,26 +9,33 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from memnas_jax import preemption, reports
 from test_experiments import CIFAR_CONFIG, _without_timing  # tests/ is on sys.path
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _argv(workdir, cache):
+def _argv(workdir, cache, checkpoints):
     return [sys.executable, str(REPO_ROOT / "experiments" / "cifar10_search.py"),
             f"--config={CIFAR_CONFIG}:test", f"--workdir={workdir}",
             "--config.search.max_rounds=1", "--config.output.progress_bar=false",
             "--config.train.epochs=30",  # the signal lands inside the second candidate
+            f"--config.search.candidate_checkpoints={checkpoints}",
+            "--config.train.checkpoint_every_epochs=10",
             f"--config.train.compilation_cache_dir={cache}"]
 
 
-def test_sigterm_stops_after_a_step_and_the_search_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_sigterm_stops_after_a_step_and_the_search_resumes_exactly(checkpoints, tmp_path):
+    """Without candidate checkpoints the candidate in flight trains again; with them it goes on
+    from the step it stopped at (a mid-epoch snapshot). Either way: the uninterrupted records."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     cache = tmp_path / "cache"
-    subprocess.run(_argv(tmp_path / "whole", cache), env=env, check=True, capture_output=True,
-                   timeout=600)
-    proc = subprocess.Popen(_argv(tmp_path / "stopped", cache), env=env,
+    subprocess.run(_argv(tmp_path / "whole", cache, checkpoints), env=env, check=True,
+                   capture_output=True, timeout=600)
+    proc = subprocess.Popen(_argv(tmp_path / "stopped", cache, checkpoints), env=env,
                             stderr=subprocess.PIPE, text=True)
     lines, epochs = [], 0
     for line in proc.stderr:  # the second candidate's first epoch: stop it mid-candidate
@@ -46,10 +53,17 @@ def test_sigterm_stops_after_a_step_and_the_search_resumes_exactly(tmp_path):
     assert "Resume it with the same command" in log and "Traceback" not in log
     records = reports.read_candidates(tmp_path / "stopped")
     assert len(records) == 1  # the candidate in flight stays pending
-    subprocess.run(_argv(tmp_path / "stopped", cache), env=env, check=True,
+    snapshots = list((tmp_path / "stopped").glob("candidate_checkpoints/*/preempted"))
+    assert len(snapshots) == int(checkpoints)
+    subprocess.run(_argv(tmp_path / "stopped", cache, checkpoints), env=env, check=True,
                    capture_output=True, timeout=600)
-    assert (_without_timing(reports.read_candidates(tmp_path / "stopped"))
-            == _without_timing(reports.read_candidates(tmp_path / "whole")))
+    resumed = reports.read_candidates(tmp_path / "stopped")[1]
+    assert ("(stopped on request)" in resumed["message"]) == checkpoints  # resumed mid-epoch
+    # Same records, the resumed candidate's note on where it resumed aside.
+    strip = lambda records: [{k: v for k, v in r.items() if k != "message"}  # noqa: E731
+                             for r in _without_timing(records)]
+    assert (strip(reports.read_candidates(tmp_path / "stopped"))
+            == strip(reports.read_candidates(tmp_path / "whole")))
 
 
 def test_second_ctrl_c_exits_at_once_and_the_grace_period_is_enforced(monkeypatch):

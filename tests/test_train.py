@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from memnas_jax import data as data_lib
-from memnas_jax import train
+from memnas_jax import preemption, train
 from memnas_jax.encoding import uniform_architecture
 from helpers import TinyCNN  # tests/ is on sys.path (rootdir conftest)
 
@@ -151,6 +151,33 @@ def test_eval_compiler_options_are_parsed_and_passed_to_xla(synthetic):
     bad = train.train_candidate(None, _config(eval_compiler_options="xla_no_such_option=1"),
                                 synthetic, jax.random.PRNGKey(0), model=TinyCNN())
     assert bad.status == "failed" and "No such compile option" in bad.message
+
+
+def test_a_run_stopped_on_request_resumes_mid_epoch_exactly(synthetic, tmp_path, monkeypatch):
+    """preemption: the step after a stop request saves a mid-epoch snapshot (state and running
+    metrics) and raises Preempted; the rerun continues from that step, ending bit for bit where
+    an uninterrupted run ends, and drops the snapshot."""
+    full = train.train_candidate(None, _config(), synthetic, jax.random.PRNGKey(5),
+                                 model=TinyCNN())
+    config = _config(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_epochs=1)
+    calls = {"n": 0}
+
+    def requested():  # 8 steps per epoch: the 12th step is the 4th of epoch 2
+        calls["n"] += 1
+        return calls["n"] == 12
+    monkeypatch.setattr(train.preemption, "requested", requested)
+    with pytest.raises(preemption.Preempted):
+        train.train_candidate(None, config, synthetic, jax.random.PRNGKey(5), model=TinyCNN())
+    assert (tmp_path / "ckpt" / train.PREEMPTED_DIR).is_dir()
+    monkeypatch.setattr(train.preemption, "requested", lambda: False)
+    resumed = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(5),
+                                    model=TinyCNN())
+    assert "resumed in epoch 2 after step 4 (stopped on request)" in resumed.message
+    assert resumed.resumed_from_epoch == 1
+    assert resumed.loss_curve == full.loss_curve
+    assert resumed.val_accuracy_curve == full.val_accuracy_curve
+    assert _max_abs_diff(resumed.variables, full.variables) == 0.0
+    assert not (tmp_path / "ckpt" / train.PREEMPTED_DIR).exists()
 
 
 def test_compilation_cache_auto_is_the_work_directory(tmp_path):
