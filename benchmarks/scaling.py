@@ -44,6 +44,7 @@ def _worker(groups: int, num_candidates: int, width: int, image_size: int, num_t
             epochs: int) -> dict:
     """Runs in a subprocess with D devices: trains the candidates with `groups` groups."""
     import jax  # pylint: disable=import-outside-toplevel
+
     from memnas_jax import candidate_parallel, train  # pylint: disable=import-outside-toplevel
     from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
 
@@ -107,6 +108,7 @@ def train_step_flops(arch, skeleton, batch_size: int) -> float:
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     import optax  # pylint: disable=import-outside-toplevel
+
     from memnas_jax import train  # pylint: disable=import-outside-toplevel
     from memnas_jax.network import MemNASNetwork  # pylint: disable=import-outside-toplevel
 

@@ -75,6 +75,7 @@ def forward_flops_per_image(arch, skeleton, batch: int) -> float:
     """XLA's FLOP count of the inference forward pass (plain depthwise conv), per image."""
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
     from memnas_jax.network import abstract_variables  # pylint: disable=import-outside-toplevel
     module, variables = abstract_variables(arch, skeleton, depthwise_impl="xla")
     x = jax.ShapeDtypeStruct((batch, skeleton.image_size, skeleton.image_size, 3), jnp.float32)
@@ -86,6 +87,7 @@ def forward_flops_per_image(arch, skeleton, batch: int) -> float:
 
 def run_jax(devices: int) -> list[dict]:
     import jax  # pylint: disable=import-outside-toplevel
+
     from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
     from memnas_jax import train  # pylint: disable=import-outside-toplevel
     assert jax.device_count() == devices, jax.devices()
@@ -247,6 +249,7 @@ def check_equal_logits(arch, skeleton) -> float:
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
+
     from memnas_jax.network import init_network  # pylint: disable=import-outside-toplevel
     module, variables = init_network(jax.random.PRNGKey(1), arch, skeleton)
     model = torch_network(arch, skeleton).eval()
@@ -260,6 +263,7 @@ def check_equal_logits(arch, skeleton) -> float:
 
 def run_torch(threads: int) -> list[dict]:
     import torch  # pylint: disable=import-outside-toplevel
+
     from memnas_jax.network import param_count  # pylint: disable=import-outside-toplevel
     from memnas_jax.space import cifar_skeleton  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(threads)

@@ -6,9 +6,9 @@
 
 --arch is an `Architecture.to_json()` file; --baseline names a hand-designed network
 (`memnas_jax.baselines`), trained with the same recipe and data and measured the same way: float32
-parameters plus the peak of live activations at batch 1 (`memory.analyze`). Checkpoints go to <workdir>/checkpoints (rerunning
-the same command resumes), compiled programs to <workdir>/xla_cache, the result to
-<workdir>/result.json. On a CPU host the run uses
+parameters plus the peak of live activations at batch 1 (`memnas_jax.accounting`). Checkpoints go
+to <workdir>/checkpoints (rerunning the same command resumes), compiled programs to
+<workdir>/xla_cache, the result to <workdir>/result.json. On a CPU host the run uses
 `--host_devices` XLA devices (default: one per core, up to 8) with the batch split over them.
 """
 
@@ -92,6 +92,7 @@ def _main():
 
 def _train_and_report(config, workdir: pathlib.Path, arch) -> int:
     import jax  # pylint: disable=import-outside-toplevel
+
     from memnas_jax import accounting, baselines, train  # pylint: disable=import-outside-toplevel
     from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
     from memnas_jax.io import atomic_write  # pylint: disable=import-outside-toplevel

@@ -57,7 +57,8 @@ def search_rows(search_dir: str | os.PathLike) -> list[Row]:
     best = json.loads((pathlib.Path(search_dir) / "best.json").read_text())
     answer = best.get("best")
     records = [answer] if answer else []
-    records += [r for r in best.get("pareto_front", []) if not answer or r["hash"] != answer["hash"]]
+    records += [r for r in best.get("pareto_front", [])
+                if not answer or r["hash"] != answer["hash"]]
     return [Row(name=f"{'answer' if i == 0 and answer else 'front'} {r['hash'][:10]} "
                      f"(round {r.get('round')})",
                 kind="search candidate", accuracy=r.get("accuracy"),

@@ -13,8 +13,9 @@ Two kinds of splits:
 
 CIFAR comes from `.npz` copies (arrays `image` uint8 NHWC and `label`: `config.npz_dir`, or
 `<$MEMNAS_DATA_DIR or ~/.cache/memnas_jax/data>/<name>/{train,test}.npz`), from a prepared TFDS
-dataset, or else is downloaded once into that cache (`memnas_jax.download`, `config.download`). The validation split used for search-time selection is held out of the training set,
-stratified and deterministic in `validation_seed`.
+dataset, or else is downloaded once into that cache (`memnas_jax.download`, `config.download`).
+The validation split used for search-time selection is held out of the training set, stratified
+and deterministic in `validation_seed`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "cifar10"  # one of DATASET_NAMES
     c.source = "auto"  # "auto": npz when a copy is found, else TFDS; or force "npz" / "tfds"
-    # folder holding train.npz and test.npz ("" = <$MEMNAS_DATA_DIR or ~/.cache/memnas_jax/data>/<name>)
+    # folder of train.npz and test.npz ("" = <$MEMNAS_DATA_DIR or ~/.cache/memnas_jax/data>/<name>)
     c.npz_dir = ""
     c.tfds_data_dir = ""  # "" = the TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
     # CIFAR-10/100 with no local copy: download the official archive once (memnas_jax.download)

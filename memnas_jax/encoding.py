@@ -42,7 +42,8 @@ DEFAULT_MAX_CELLS = 14  # the authors' 15 output locations: block input + 14 cel
 C_WIDTH = 3
 JSON_FORMAT = "memnas_jax.architecture/v1"
 
-# The authors' format (reference/golden): cell = [in1(15), in2(15), out(15), op1(7), op2(7), link(2)].
+# The authors' format (reference/golden):
+# cell = [in1(15), in2(15), out(15), op1(7), op2(7), link(2)].
 MEMNAS_LOCATIONS = 15
 # The meaning of the authors' 2-bit `link` changed during their project (golden README):
 #   "combine": rounds 0-1, link [1,0] = add, [0,1] = concat; every cell feeds the block output.

@@ -48,8 +48,15 @@ import itertools
 import json
 from typing import Any, Iterable, Iterator, Sequence
 
-from memnas_jax.encoding import (DEFAULT_MAX_CELLS, NUM_OPS, Architecture, Cell, EncodingError,
-                                 op_index, validate)
+from memnas_jax.encoding import (
+    DEFAULT_MAX_CELLS,
+    NUM_OPS,
+    Architecture,
+    Cell,
+    EncodingError,
+    op_index,
+    validate,
+)
 
 COMBINE_MODES = ("add", "concat")
 GROWTH_MODES = ("all_blocks", "per_block")

@@ -23,8 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from memnas_jax.encoding import Architecture, Cell, EncodingError, validate
-from memnas_jax.ops import (ConvBN, OpSettings, bn_param_count, conv_param_count, make_op,
-                            op_param_count)
+from memnas_jax.ops import (
+    ConvBN,
+    OpSettings,
+    bn_param_count,
+    conv_param_count,
+    make_op,
+    op_param_count,
+)
 from memnas_jax.space import Skeleton
 
 Dtype = Any

@@ -410,7 +410,8 @@ def write_all(state: dict, workdir: str | os.PathLike, *, plots: bool = True,
     write_tables(state, workdir, leaderboard_rows)
     views = []
     if plots:
-        views += [(plot_pareto, workdir / PARETO_FILE), (plot_trajectory, workdir / TRAJECTORY_FILE)]
+        views += [(plot_pareto, workdir / PARETO_FILE),
+                  (plot_trajectory, workdir / TRAJECTORY_FILE)]
     if tensorboard:
         views.append((write_tensorboard, workdir / TENSORBOARD_DIR))
     for render, path in views:

@@ -61,21 +61,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from memnas_jax import candidate_parallel
-from memnas_jax.compile_ahead import CompileAhead, resolve_depth
+from memnas_jax import candidate_parallel, distributed, preemption, ranking, reports
 from memnas_jax import controller as controller_lib
 from memnas_jax import data as data_lib
-from memnas_jax import distributed, preemption
-from memnas_jax import ranking, reports
 from memnas_jax import train as train_lib
+from memnas_jax.compile_ahead import CompileAhead, resolve_depth
 from memnas_jax.encoding import NUM_OPS, Architecture, from_json
 from memnas_jax.errors import ConfigError, UserError
-from memnas_jax.io import atomic_write
-from memnas_jax.workdir_lock import WorkdirLock, prepare_workdir
 from memnas_jax.grow_trim import Candidate, GrowTrimOptions, generate_candidates, initial_candidates
+from memnas_jax.io import atomic_write
 from memnas_jax.memory import CONVENTIONS, memory_report
 from memnas_jax.reward import RewardConfig, memory_efficient_reward
 from memnas_jax.space import Skeleton
+from memnas_jax.workdir_lock import WorkdirLock, prepare_workdir
 
 STATE_FILE = "state.json"
 PREV_STATE_FILE = "state.prev.json"

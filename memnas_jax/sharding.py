@@ -75,6 +75,7 @@ def disable_cpu_ynn_fusions() -> bool:
 def _xla_knows_flag(name: str) -> bool:
     """Whether the installed jaxlib defines the XLA flag `name` (its libraries hold the name)."""
     import mmap  # pylint: disable=import-outside-toplevel
+
     import jaxlib  # pylint: disable=import-outside-toplevel
     needle = name.encode()
     for path in sorted(pathlib.Path(jaxlib.__file__).parent.glob("*.so"),

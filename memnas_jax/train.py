@@ -906,7 +906,7 @@ class _Evaluator:
 __all__ = [
     "AUTO_CACHE", "DTYPES", "STATUSES", "XLA_CACHE_DIR", "CandidatePrograms", "TrainResult",
     "TrainState", "check_config", "compilation_cache_path", "compile_candidate",
-    "configure_compilation_cache", "cross_entropy", "default_config",
-    "compiler_options", "is_out_of_memory", "make_optimizer", "make_schedule", "resolve_depthwise_impl", "skeleton_from_config",
-    "train_candidate",
+    "compiler_options", "configure_compilation_cache", "cross_entropy", "default_config",
+    "is_out_of_memory", "make_optimizer", "make_schedule", "resolve_depthwise_impl",
+    "skeleton_from_config", "train_candidate",
 ]

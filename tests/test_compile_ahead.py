@@ -6,11 +6,11 @@ import threading
 import time
 
 import pytest
+from test_search import _preset  # tests/ is on sys.path (rootdir conftest)
 
 from memnas_jax import data as data_lib
 from memnas_jax import search
 from memnas_jax.compile_ahead import CompileAhead, auto_depth, resolve_depth
-from test_search import _preset  # tests/ is on sys.path (rootdir conftest)
 
 
 def test_items_compile_at_most_depth_ahead_in_order():

@@ -105,7 +105,8 @@ def test_hash_is_stable_and_discriminates():
     other = enc.uniform_architecture([(0, 0, "sep_conv_3x3", "fac_conv_7")])
     assert arch.canonical_hash() != other.canonical_hash()
     code = ("from memnas_jax import encoding as e; "
-            "print(e.uniform_architecture([(0, 0, 'fac_conv_7', 'sep_conv_3x3')]).canonical_hash())")
+            "print(e.uniform_architecture([(0, 0, 'fac_conv_7', 'sep_conv_3x3')])"
+            ".canonical_hash())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert out.stdout.strip() == arch.canonical_hash()

@@ -74,8 +74,8 @@ def test_flags_select_a_preset_and_override_fields():
 
 @pytest.mark.parametrize("path, preset", [
     (CIFAR_CONFIG, "paper"), (CIFAR_CONFIG, "gpu"), (CIFAR_CONFIG, "gpu_quick"),
-    (CIFAR_CONFIG, "smoke"), (CIFAR_CONFIG, "test"), (IMAGENET_CONFIG, "paper"), (IMAGENET_CONFIG, "resized32"),
-    (IMAGENET_CONFIG, "test")])
+    (CIFAR_CONFIG, "smoke"), (CIFAR_CONFIG, "test"), (IMAGENET_CONFIG, "paper"),
+    (IMAGENET_CONFIG, "resized32"), (IMAGENET_CONFIG, "test")])
 def test_every_preset_is_a_valid_search_config(path, preset):
     config = _parse(f"--config={path}:{preset}")
     search.check_config(config)

@@ -9,8 +9,13 @@ import pytest
 
 from memnas_jax import encoding as enc
 from memnas_jax.encoding import Cell, EncodingError
-from memnas_jax.grow_trim import (Candidate, GrowTrimOptions, generate_candidates,
-                                  initial_candidates, mirror_invariant_hash)
+from memnas_jax.grow_trim import (
+    Candidate,
+    GrowTrimOptions,
+    generate_candidates,
+    initial_candidates,
+    mirror_invariant_hash,
+)
 
 AUTHORS_ROUND01 = GrowTrimOptions(combine_modes=("add", "concat"))
 GEN_BIG_ONLY = GrowTrimOptions(combine_modes=("add", "concat"), trim_ops=False, trim_edges=False)

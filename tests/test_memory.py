@@ -14,8 +14,14 @@ import pytest
 from scipy import stats
 
 from memnas_jax import memory, network
-from memnas_jax.encoding import Cell, EncodingError, from_memnas_feature, validate
-from memnas_jax.encoding import make_architecture, uniform_architecture
+from memnas_jax.encoding import (
+    Cell,
+    EncodingError,
+    from_memnas_feature,
+    make_architecture,
+    uniform_architecture,
+    validate,
+)
 from memnas_jax.memory import TensorNode, analyze, memory_report, paper_proxy, schedule
 from memnas_jax.space import Skeleton, cifar_skeleton
 

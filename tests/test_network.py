@@ -8,14 +8,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from memnas_jax.encoding import (Cell, EncodingError, from_memnas_feature, make_architecture,
-                                 validate)
-from memnas_jax.network import (MemNASNetwork, abstract_variables, block_input_channels,
-                                block_output_channels, count_params,
-                                init_network, network_plan, param_count)
-from memnas_jax.space import Skeleton, cifar_skeleton
 from helpers import numpy_variables  # tests/ is on sys.path (rootdir conftest)
+
+from memnas_jax.encoding import (
+    Cell,
+    EncodingError,
+    from_memnas_feature,
+    make_architecture,
+    validate,
+)
+from memnas_jax.network import (
+    MemNASNetwork,
+    abstract_variables,
+    block_input_channels,
+    block_output_channels,
+    count_params,
+    init_network,
+    network_plan,
+    param_count,
+)
+from memnas_jax.space import Skeleton, cifar_skeleton
 
 
 def random_architecture(rng: np.random.Generator, num_blocks: int = 5, max_cells: int = 3):

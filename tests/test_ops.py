@@ -9,13 +9,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import numpy_variables  # tests/ is on sys.path (rootdir conftest)
 
 from memnas_jax.encoding import NUM_OPS
 from memnas_jax.network import count_params
-from memnas_jax.ops import (DepthwiseConv, OpSettings, PoolOp, depthwise_conv_shifted, make_op,
-                            op_param_count, same_padding)
-
-from helpers import numpy_variables  # tests/ is on sys.path (rootdir conftest)
+from memnas_jax.ops import (
+    DepthwiseConv,
+    OpSettings,
+    PoolOp,
+    depthwise_conv_shifted,
+    make_op,
+    op_param_count,
+    same_padding,
+)
 
 ALL_OPS = list(range(NUM_OPS)) + [None]
 

@@ -6,8 +6,14 @@ import pytest
 
 from memnas_jax import encoding as enc
 from memnas_jax.grow_trim import GrowTrimOptions, generate_candidates, initial_candidates
-from memnas_jax.reward import (AUTHORS_LABEL_CONFIG, RewardConfig, filter_by_budget,
-                               memory_efficient_reward, total_memories, within_budget)
+from memnas_jax.reward import (
+    AUTHORS_LABEL_CONFIG,
+    RewardConfig,
+    filter_by_budget,
+    memory_efficient_reward,
+    total_memories,
+    within_budget,
+)
 
 # Base: accuracy 80 %, 1000 B of parameters, 2000 B of working memory. The candidate gains
 # 10/80 = 0.125 in accuracy, saves 250/1000 = 0.25 of the parameters and spends 500/2000 = 0.25

@@ -11,9 +11,9 @@ import sys
 import time
 
 import pytest
+from test_experiments import CIFAR_CONFIG, _without_timing  # tests/ is on sys.path
 
 from memnas_jax import preemption, reports, search
-from test_experiments import CIFAR_CONFIG, _without_timing  # tests/ is on sys.path
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 KILLS, TERMS, SEED = 15, 2, 0

@@ -7,10 +7,10 @@ import logging
 import os
 
 import pytest
+from test_search import ScriptedTrainer, _config, _without_timing  # tests/ is on sys.path
 
 from memnas_jax import io as io_lib
 from memnas_jax import reports, search
-from test_search import ScriptedTrainer, _config, _without_timing  # tests/ is on sys.path
 
 _real_write = io_lib._write  # pylint: disable=protected-access
 

@@ -15,11 +15,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from helpers import TinyCNN  # tests/ is on sys.path (rootdir conftest)
 
 from memnas_jax import data as data_lib
 from memnas_jax import preemption, train
 from memnas_jax.encoding import uniform_architecture
-from helpers import TinyCNN  # tests/ is on sys.path (rootdir conftest)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NET53 = uniform_architecture([(0, 0, "fac_conv_7", "sep_conv_3x3")])

@@ -9,11 +9,11 @@ import sys
 import time
 
 import pytest
+from test_search import ScriptedTrainer, _config  # tests/ is on sys.path (rootdir conftest)
 
 from memnas_jax import search
 from memnas_jax.errors import EXIT_USER_ERROR
 from memnas_jax.workdir_lock import WorkdirLock, WorkdirLockedError
-from test_search import ScriptedTrainer, _config  # tests/ is on sys.path (rootdir conftest)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _HOLD = """

@@ -3,9 +3,10 @@
     python experiments/train_final.py --config=experiments/configs/train_final.py:paper \
         --arch=arch.json --workdir=/tmp/final
 
-Presets: "quick" (30 epochs, cosine, SGD 0.1 Nesterov, weight decay 5e-4, batch 256 in bfloat16, w =
-32: the final training of the `gpu_quick` chain, minutes on one GPU), "paper" (300 epochs, SGD lr 0.01 momentum 0.9, steps at 60/180/240 x0.1, batch 128,
-crop + flip + Cutout 16, w = 32, the whole training set, test accuracy at the end) and "smoke"
+Presets: "quick" (30 epochs, cosine, SGD 0.1 Nesterov, weight decay 5e-4, batch 256 in bfloat16,
+w = 32: the final training of the `gpu_quick` chain, minutes on one GPU), "paper" (300 epochs, SGD
+lr 0.01 momentum 0.9, steps at 60/180/240 x0.1, batch 128, crop + flip + Cutout 16, w = 32, the
+whole training set, test accuracy at the end) and "smoke"
 (the same code on a few thousand images for two epochs at w = 8, a couple of minutes on a CPU).
 Override any field: --config.epochs=600 --config.skeleton.width=64.
 """
