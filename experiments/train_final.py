@@ -25,6 +25,7 @@ from ml_collections import config_flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from memnas_jax import sharding  # noqa: E402  (imports jax, starts no backend)
+from memnas_jax.errors import UserError, exit_on_user_error  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(pathlib.Path(__file__).parent / "configs" / "train_final.py"),
@@ -47,13 +48,11 @@ def _format_bytes(n: int) -> str:
 
 def main(argv):
     del argv
-    from memnas_jax import errors  # pylint: disable=import-outside-toplevel
-    return errors.exit_on_user_error(_main)
+    return exit_on_user_error(_main)
 
 
 def _read_architecture(path: str):
     from memnas_jax.encoding import Architecture, EncodingError  # pylint: disable=import-outside-toplevel
-    from memnas_jax.errors import UserError  # pylint: disable=import-outside-toplevel
     try:
         text = pathlib.Path(path).read_text()
     except OSError as e:
@@ -68,13 +67,11 @@ def _read_architecture(path: str):
 
 def _main():
     if bool(_ARCH.value) == bool(_BASELINE.value):
-        from memnas_jax.errors import UserError  # pylint: disable=import-outside-toplevel
         raise UserError("give exactly one of --arch=FILE (a searched architecture) and "
                         "--baseline=NAME (resnet20, resnet56, resnet110, mobilenetv2)")
     sharding.set_host_device_count(_HOST_DEVICES.value or min(os.cpu_count() or 1, 8))
     sharding.disable_cpu_ynn_fusions()  # ~6x faster CPU convolutions (jaxlib 0.10)
     from memnas_jax import baselines, workdir_lock  # pylint: disable=import-outside-toplevel
-    from memnas_jax.errors import UserError  # pylint: disable=import-outside-toplevel
 
     sharding.initialize_distributed()
     config = _CONFIG.value

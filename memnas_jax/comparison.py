@@ -17,6 +17,7 @@ import os
 import pathlib
 from typing import Sequence
 
+from memnas_jax import reports
 from memnas_jax.io import atomic_write
 
 MB = 1e6
@@ -106,10 +107,7 @@ def markdown(rows: Sequence[Row], title: str = "Results") -> str:
 
 def plot(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
     """Accuracy against total memory: our networks filled, the published points hollow."""
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    fig, ax = reports.pyplot().subplots(figsize=(7, 5))
     styles = {"searched": ("o", "tab:red"), "baseline": ("s", "tab:blue"),
               "search candidate": (".", "tab:gray")}
     for kind, (marker, color) in styles.items():
@@ -137,8 +135,7 @@ def plot(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    reports.save_figure(fig, path)
 
 
 def write(rows: Sequence[Row], out_dir: str | os.PathLike, title: str = "Results") -> None:

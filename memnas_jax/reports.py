@@ -20,12 +20,12 @@ in the tables and plots. Accuracies are fractions in the records and percent in 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Iterable, Sequence
 
 from absl import logging
@@ -48,10 +48,6 @@ _ENTRY_FIELDS = ("hash", "kind", "description", "cells_per_block", "param_count"
                  "working_bytes", "total_bytes", "status", "accuracy", "reward",
                  "predicted_score", "reused_from_round", "final_val_accuracy", "test_accuracy",
                  "best_val_epoch", "epochs_done", *TIMING_FIELDS, "message", "failure")
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic files
 
 
 def _json(value: Any) -> str:
@@ -245,28 +241,27 @@ def _unique_by_hash(records: Sequence[dict]) -> list[dict]:
 # Plots
 
 
-def _pyplot():
+def pyplot():
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     return plt
 
 
-def _save_figure(fig, path: pathlib.Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Renders `fig` as a PNG and writes it with `io.atomic_write`, then closes it."""
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        fig.savefig(buffer, dpi=120, format="png")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        pyplot().close(fig)
+    atomic_write(path, buffer.getvalue())
 
 
 def plot_pareto(state: dict, path: str | os.PathLike, title: str = "") -> None:
     """Accuracy vs total memory of every trained candidate, coloured by round; each round's
     winner a star labelled with its round; the Pareto front a step line."""
-    plt = _pyplot()
+    plt = pyplot()
     records = _unique_by_hash(_ok(candidate_records(state)))
     fig, ax = plt.subplots(figsize=(7, 4.8))
     if records:
@@ -294,14 +289,13 @@ def plot_pareto(state: dict, path: str | os.PathLike, title: str = "") -> None:
     ax.set_title(title or "MemNAS candidates: accuracy vs memory")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_figure(fig, pathlib.Path(path))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_trajectory(state: dict, path: str | os.PathLike, title: str = "") -> None:
     """Per round: the winner's accuracy (and the best accuracy trained in the round), and the
     winner's parameter, working and total memory (the paper's acc / imc / npc figures)."""
-    plt = _pyplot()
+    plt = pyplot()
     won = winners(state)
     fig, (ax_acc, ax_mem) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     if won:
@@ -325,8 +319,7 @@ def plot_trajectory(state: dict, path: str | os.PathLike, title: str = "") -> No
     for ax in (ax_acc, ax_mem):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_figure(fig, pathlib.Path(path))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +426,7 @@ __all__ = [
     "TENSORBOARD_DIR",
     "TIMING_FIELDS", "TRAJECTORY_FILE", "best_record", "candidate_records",
     "leaderboard_markdown", "pareto_front", "pareto_records", "plot_pareto", "plot_trajectory",
-    "read_candidates",
+    "pyplot", "read_candidates", "save_figure",
     "tensorboard_scalars", "trained_entries", "winners", "write_all", "write_tables",
     "write_tensorboard",
 ]

@@ -191,6 +191,11 @@ def candidate_groups(config: ml_collections.ConfigDict) -> int:
     return (config.get("parallel") or {}).get("candidate_groups", 1)
 
 
+def compile_ahead(config: ml_collections.ConfigDict) -> int:
+    """config.parallel.compile_ahead (0 in configs made before the field existed)."""
+    return (config.get("parallel") or {}).get("compile_ahead", 0)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field for settings no search could run with."""
     s = config.search
@@ -202,8 +207,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.search.time_budget_minutes must be >= 0 (0 = no budget), got "
                          f"{config.search.time_budget_minutes!r}")
     _check_int(candidate_groups(config), "parallel.candidate_groups", 1)
-    _check_int((config.get("parallel") or {}).get("compile_ahead", 0), "parallel.compile_ahead",
-               -1)
+    _check_int(compile_ahead(config), "parallel.compile_ahead", -1)
     _check_choice(s.round0_selection, ROUND0_SELECTIONS, "search.round0_selection")
     _check_choice(s.controller_target, CONTROLLER_TARGETS, "search.controller_target")
     _check_choice(s.accuracy_metric, ACCURACY_METRICS, "search.accuracy_metric")
@@ -703,7 +707,7 @@ class _Search:
         (candidate groups overlap their compiles already)."""
         if candidate_groups(self.config) > 1 or not hasattr(self.train_fn, "compile"):
             return 0
-        return resolve_depth((self.config.get("parallel") or {}).get("compile_ahead", 0))
+        return resolve_depth(compile_ahead(self.config))
 
     def previous_result(self, arch_hash: str, round_index: int) -> tuple[int, dict] | None:
         if not self.config.search.reuse_trained:
@@ -857,17 +861,27 @@ TIME_BUDGET_STOP = "time budget reached"
 OOM_STOP = "candidates in a row ran out of accelerator memory"
 
 
-def _reopen_after_out_of_memory(state: dict) -> None:
-    """A search stopped by out-of-memory failures, rerun (with a smaller batch, say): its
-    out-of-memory candidates of the round in flight are trained again."""
-    rnd = state["rounds"][-1]
-    retry = [e for e in rnd["entries"] if e.get("failure") == "out_of_memory"]
-    for entry in retry:
-        entry.update(_RESULT_FIELDS)
-    state["num_trained"] -= len(retry)
+def _reopen_if_stopped_for_a_retry(state: dict, config: ml_collections.ConfigDict) -> None:
+    """A finished search that stopped for a reason a rerun can lift runs on: its time budget
+    (when the budget is now larger or off), or out-of-memory failures (their candidates of the
+    round in flight train again, with the rerun's settings)."""
+    reason, budget = str(state.get("stop_reason")), time_budget_seconds(config)
+    if reason.startswith(TIME_BUDGET_STOP):
+        if budget and budget <= state.get("elapsed_seconds", 0.0):
+            return
+        logging.info("the search stopped on its time budget; continuing it with %s",
+                     f"{budget / 60:g} minutes" if budget else "no budget")
+    elif OOM_STOP in reason:
+        retry = [e for e in state["rounds"][-1]["entries"]
+                 if e.get("failure") == "out_of_memory"]
+        for entry in retry:
+            entry.update(_RESULT_FIELDS)
+        state["num_trained"] -= len(retry)
+        logging.info("the search stopped on out-of-memory failures: training its %d "
+                     "candidates again", len(retry))
+    else:
+        return
     state["status"], state["stop_reason"] = "running", None
-    logging.info("the search stopped on out-of-memory failures: training its %d candidates "
-                 "again", len(retry))
 
 
 def time_budget_seconds(config: ml_collections.ConfigDict) -> float:
@@ -1026,15 +1040,8 @@ def _run_search(config: ml_collections.ConfigDict, workdir: pathlib.Path, writer
     if writer:
         atomic_write(workdir / CONFIG_FILE,
                      json.dumps(_plain(config), indent=1, sort_keys=True) + "\n")
-    if (state["status"] == "finished" and str(state.get("stop_reason")).startswith(
-            TIME_BUDGET_STOP) and (not time_budget_seconds(config) or time_budget_seconds(
-            config) > state.get("elapsed_seconds", 0.0))):
-        logging.info("the search stopped on its time budget; continuing it with %s",
-                     f"{config.search.time_budget_minutes:g} minutes"
-                     if time_budget_seconds(config) else "no budget")
-        state["status"], state["stop_reason"] = "running", None
-    if state["status"] == "finished" and OOM_STOP in str(state.get("stop_reason")):
-        _reopen_after_out_of_memory(state)
+    if state["status"] == "finished":
+        _reopen_if_stopped_for_a_retry(state, config)
     search = _Search(config, workdir, state, skeleton,
                      train_fn or CandidateTrainer(config, dataset, workdir), writer,
                      elapsed_before=float(state.get("elapsed_seconds", 0.0)))

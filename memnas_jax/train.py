@@ -628,12 +628,12 @@ def _restore_snapshot(directory: str, template: TrainState, mesh
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     if not os.path.isdir(directory):
         return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(template))
+    metrics = {"loss_sum": jax.ShapeDtypeStruct((), jnp.float32),
+               "steps": jax.ShapeDtypeStruct((), jnp.int32)}
     manager = _checkpoint_manager(directory, 1)
     try:
         for step in sorted(manager.all_steps(), reverse=True):
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(template))
-            metrics = {"loss_sum": jax.ShapeDtypeStruct((), jnp.float32),
-                       "steps": jax.ShapeDtypeStruct((), jnp.int32)}
             try:
                 restored = manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract),
@@ -792,9 +792,10 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
         for epoch in range(resumed_from, config.epochs):
             epoch_start = time.perf_counter()
             metrics = _scalars(mesh, loss_sum=np.float32(0), steps=np.int32(0))
-            if resumed_metrics is not None:
+            skip = 0
+            if resumed_metrics is not None:  # the epoch a stopped run left half-way
                 metrics, resumed_metrics = resumed_metrics, None
-            skip = int(jax.device_get(metrics["steps"]))
+                skip = int(jax.device_get(metrics["steps"]))
             for i, batch in enumerate(epoch_batches(epoch, skip), start=skip):
                 state, metrics = programs.train_step(state, metrics, *batch)
                 if preemption.requested():  # a stop request: leave after this step
@@ -884,18 +885,18 @@ class _Evaluator:
 
     def accuracy(self, state: TrainState, split: data_lib.Split) -> float:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        if isinstance(split, data_lib.ArraySplit):
-            if self._arrays is None:
-                self._arrays = _eval_arrays(_eval_splits(self._data), self._batch, self._mesh)
+        resident = isinstance(split, data_lib.ArraySplit)
+        if resident and self._arrays is None:
+            self._arrays = _eval_arrays(_eval_splits(self._data), self._batch, self._mesh)
+        # Resident splits: the program reads batch `batches` of the stacked arrays.
+        first, count = self._arrays.batches[id(split)] if resident else (0, 0)
+        totals = _scalars(self._mesh, correct=np.int32(0), loss_sum=np.float32(0),
+                          batches=np.int32(first))
+        if resident:
             a = self._arrays
-            first, count = a.batches[id(split)]
-            totals = _scalars(self._mesh, correct=np.int32(0), loss_sum=np.float32(0),
-                              batches=np.int32(first))
             for _ in range(count):
                 totals = self._step(variables, totals, a.images, a.labels, a.mask)
         else:
-            totals = _scalars(self._mesh, correct=np.int32(0), loss_sum=np.float32(0),
-                              batches=np.int32(0))
             for batch in data_lib.host_batches(split, self._batch, seed=0, epoch=0, train=False,
                                                rows=self._rows, num_threads=self._threads):
                 totals = self._step(variables, totals, *sharding.host_batch_to_global(
