@@ -356,13 +356,14 @@ def _check_op(op: int | None) -> None:
 
 
 def make_op(op: int | None, width: int, stride: int, settings: OpSettings,
-            name: str | None = None) -> nn.Module:
-    """The module of op index `op` (None = removed) mapping any input to `width` channels."""
+            name: str | None = None, **module_kwargs: Any) -> nn.Module:
+    """The module of op index `op` (None = removed) mapping any input to `width` channels
+    (`module_kwargs`: e.g. parent=None for a module applied functionally)."""
     _check_op(op)
     if op is None:
-        return RemovedOp(width, stride, settings, name=name)
+        return RemovedOp(width, stride, settings, name=name, **module_kwargs)
     family, params = OP_FAMILIES[op]
-    return family(width, stride, settings, name=name, **params)
+    return family(width, stride, settings, name=name, **params, **module_kwargs)
 
 
 def op_param_count(op: int | None, in_channels: int, width: int, stride: int = 1, *,
