@@ -303,9 +303,7 @@ def train_packed(archs: Sequence[Iterable[Iterable[Cell]]], config: ml_collectio
                       initial_variables, start)
     except Exception as e:  # noqa: BLE001  # a pack's failure must never kill a search
         logging.warning("pack failed: %s", traceback.format_exc())
-        failure = "out_of_memory" if train_lib.is_out_of_memory(e) else "error"
-        message = f"{type(e).__name__}: {train_lib._first_line(e, 2000)}"
-        return [train_lib._failed(message, start, failure=failure) for _ in archs]
+        return [train_lib.failed_result(e, start) for _ in archs]
 
 
 def _raw_key(rng) -> np.ndarray:
@@ -456,5 +454,42 @@ class _PackEvaluator:
         return [int(x) / len(split) for x in correct]
 
 
-__all__ = ["PackedPrograms", "compile_packed", "resolve_selection", "train_packed"]
+def device_memory_bytes() -> int | None:
+    """Memory of the first device (None where JAX does not report it, e.g. on a CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001  # backends without memory statistics
+        return None
+    return stats.get("bytes_limit")
+
+
+def program_bytes(programs: PackedPrograms) -> int | None:
+    """XLA's memory analysis of the train step: arguments, outputs and temporaries."""
+    try:
+        m = programs.train_step.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001  # no analysis on this backend
+        return None
+
+
+def compile_fitting_pack(template: RoundTemplate, config: ml_collections.ConfigDict,
+                         data: data_lib.Dataset, pack_size: int, selection: str = "auto",
+                         memory_fraction: float = 0.6) -> PackedPrograms:
+    """`compile_packed` at the largest pack size <= `pack_size` whose train step XLA sizes at
+    most `memory_fraction` of the device's memory (halving; where the device reports none,
+    `pack_size` as asked). A run that still runs out of memory backs off in the search."""
+    limit = device_memory_bytes()
+    while True:
+        programs = compile_packed(template, config, data, pack_size, selection)
+        needed = program_bytes(programs)
+        if pack_size == 1 or limit is None or needed is None or needed <= memory_fraction * limit:
+            return programs
+        logging.info("a pack of %d needs %.1f GB of %.1f GB: halving it", pack_size,
+                     needed / 1e9, limit / 1e9)
+        pack_size //= 2
+
+
+__all__ = ["SELECTIONS", "PackedPrograms", "compile_fitting_pack", "compile_packed",
+           "device_memory_bytes", "program_bytes", "resolve_selection", "train_packed"]
 

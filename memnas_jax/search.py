@@ -64,6 +64,7 @@ from absl import logging
 from memnas_jax import candidate_parallel, distributed, preemption, ranking, reports
 from memnas_jax import controller as controller_lib
 from memnas_jax import data as data_lib
+from memnas_jax import packed as packed_lib
 from memnas_jax import train as train_lib
 from memnas_jax.compile_ahead import CompileAhead, resolve_depth
 from memnas_jax.encoding import NUM_OPS, Architecture, from_json
@@ -73,6 +74,7 @@ from memnas_jax.io import atomic_write
 from memnas_jax.memory import CONVENTIONS, memory_report
 from memnas_jax.reward import RewardConfig, memory_efficient_reward
 from memnas_jax.space import Skeleton
+from memnas_jax.template import RoundTemplate
 from memnas_jax.workdir_lock import WorkdirLock, prepare_workdir
 
 STATE_FILE = "state.json"
@@ -171,6 +173,13 @@ def default_config() -> ml_collections.ConfigDict:
         # Candidates compiled in background threads while one trains (candidate_groups = 1):
         # -1 = auto (compile_ahead.auto_depth: one per 4 host cores, 1 to 4), 0 = off.
         compile_ahead=-1,
+        # Train a round's candidates packed into one compiled program (memnas_jax.packed):
+        # "auto" (packed on GPU/TPU, standalone on a CPU: README, "Packed training"),
+        # "packed" or "standalone". Packed candidates start from other draws of the same
+        # initialisers, so the choice is recorded in each round and kept when it resumes.
+        packing="auto",
+        pack_size=0,  # candidates per pack; 0 = auto (1 on a CPU, else sized to device memory)
+        pack_selection="auto",  # "select" (vmap), "switch" (pack size 1) or "auto"
     ))
     c.distributed = distributed.default_config()  # multi-process job layout ("" = auto)
     return c
@@ -196,6 +205,17 @@ def compile_ahead(config: ml_collections.ConfigDict) -> int:
     return (config.get("parallel") or {}).get("compile_ahead", 0)
 
 
+PACKING_MODES = ("auto", "packed", "standalone")
+
+
+def packing_options(config: ml_collections.ConfigDict) -> tuple[str, int, str]:
+    """(packing, pack_size, pack_selection) of config.parallel (standalone in configs made
+    before the fields existed)."""
+    parallel = config.get("parallel") or {}
+    return (parallel.get("packing", "standalone"), parallel.get("pack_size", 0),
+            parallel.get("pack_selection", "auto"))
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field for settings no search could run with."""
     s = config.search
@@ -208,6 +228,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"{config.search.time_budget_minutes!r}")
     _check_int(candidate_groups(config), "parallel.candidate_groups", 1)
     _check_int(compile_ahead(config), "parallel.compile_ahead", -1)
+    mode, pack_size, selection = packing_options(config)
+    _check_choice(mode, PACKING_MODES, "parallel.packing")
+    _check_int(pack_size, "parallel.pack_size", 0)
+    _check_choice(selection, ("auto", *packed_lib.SELECTIONS), "parallel.pack_selection")
+    if mode == "packed" and candidate_groups(config) > 1:
+        raise ValueError("config.parallel.packing = 'packed' trains one pack on all devices: "
+                         "set parallel.candidate_groups = 1, or packing = 'standalone'")
+    if selection == "switch" and pack_size > 1:
+        raise ValueError("config.parallel.pack_selection = 'switch' runs one candidate at a "
+                         "time: set parallel.pack_size = 1 (or 0), or pack_selection = 'select'")
     _check_choice(s.round0_selection, ROUND0_SELECTIONS, "search.round0_selection")
     _check_choice(s.controller_target, CONTROLLER_TARGETS, "search.controller_target")
     _check_choice(s.accuracy_metric, ACCURACY_METRICS, "search.accuracy_metric")
@@ -636,6 +666,9 @@ class _Search:
     def train_pending(self, rnd: dict) -> None:
         if not self.seconds_trained:
             self.log_plan()
+        if self.round_packing(rnd) is not None:
+            self.train_pending_packed(rnd)
+            return
         entries = rnd["entries"]
         done = sum(e["status"] != "pending" for e in entries)
         bar = _progress_bar(len(entries), done, f"round {rnd['round']} ({rnd['mode']})",
@@ -683,6 +716,118 @@ class _Search:
                     bar.set_postfix(best_acc=f"{100 * max(ok):.2f}%")
         finally:
             ahead.close()
+            bar.close()
+
+    # ----- packed training
+    def round_packing(self, rnd: dict) -> dict | None:
+        """How this round trains: {"pack_size", "selection"} when packed, None standalone.
+        Decided when the round first trains and recorded there, so a resume keeps it."""
+        if "packing" not in rnd:
+            rnd["packing"] = self.resolve_packing(rnd)
+            self.save()
+        return rnd["packing"]
+
+    def resolve_packing(self, rnd: dict) -> dict | None:
+        mode, pack_size, selection = packing_options(self.config)
+        if mode == "standalone":
+            return None
+        why_not = (self.train_fn.why_not_packed() if hasattr(self.train_fn, "why_not_packed")
+                   else "the search's train_fn trains one candidate at a time")
+        if why_not is None and candidate_groups(self.config) > 1:
+            why_not = "parallel.candidate_groups > 1"
+        if why_not is not None:
+            if mode == "packed":
+                raise ConfigError(f"config.parallel.packing = 'packed', but {why_not}: use "
+                                  "packing = 'standalone' (or 'auto')")
+            return None
+        on_cpu = jax.default_backend() == "cpu"
+        if mode == "auto" and on_cpu:
+            return None  # README, "Packed training": a CPU runs the alternatives' FLOPs
+        count = sum(e.get("reused_from_round") is None for e in rnd["entries"])
+        size = pack_size or (1 if on_cpu else min(AUTO_MAX_PACK, max(count, 1)))
+        return dict(pack_size=size, selection=packed_lib.resolve_selection(selection, size))
+
+    def round_template(self, rnd: dict) -> RoundTemplate:
+        """The template of every candidate of the round that trains (not the reused ones):
+        the same however much of the round a previous run finished."""
+        archs = [from_json(e["architecture"]) for e in rnd["entries"]
+                 if e.get("reused_from_round") is None and not (
+                     e["status"] == "pending" and self.previous_result(e["hash"], rnd["round"]))]
+        return RoundTemplate.from_architectures(archs, self.skeleton)
+
+    def train_pending_packed(self, rnd: dict) -> None:
+        """Trains the round's pending candidates in packs of `rnd["packing"]["pack_size"]`,
+        saving each pack's results together (a killed run trains the pack in flight again, the
+        same pack, since the packs are cut from the pending candidates in order)."""
+        entries, packing = rnd["entries"], rnd["packing"]
+        reference = _reference(rnd) if rnd["base"] is not None else None
+        reward_config = RewardConfig(**self.config.reward)
+        pending = [i for i, e in enumerate(entries) if e["status"] == "pending"]
+        bar = _progress_bar(len(entries), len(entries) - len(pending),
+                            f"round {rnd['round']} ({rnd['mode']}, packed)",
+                            self.writer and self.config.output.progress_bar)
+        template = self.round_template(rnd)
+
+        def finish_entry(i: int) -> None:
+            entry = entries[i]
+            if reference is not None and entry["status"] == "ok":
+                entry["reward"] = _reward(entry, reference, reward_config)
+            _log_entry(rnd, i, entry)
+            bar.update(1)
+
+        try:
+            to_train = []
+            for i in pending:  # results met in earlier rounds first
+                previous = self.previous_result(entries[i]["hash"], rnd["round"])
+                if previous is None:
+                    to_train.append(i)
+                    continue
+                self.copy_result(entries[i], previous)
+                self.save()
+                finish_entry(i)
+            programs = None
+            while to_train:
+                size = packing["pack_size"]
+                chunk = to_train[:size]
+                archs = [from_json(entries[i]["architecture"]) for i in chunk]
+                keys = [candidate_key(self.config.seed, entries[i]["hash"]) for i in chunk]
+                compile_seconds = 0.0
+                try:
+                    if programs is None or programs.pack_size != size:
+                        programs = self.train_fn.compile_pack(template, size,
+                                                              packing["selection"])
+                        compile_seconds = programs.compile_seconds
+                except Exception as e:  # pylint: disable=broad-except  # recorded, search goes on
+                    results = [train_lib.failed_result(e, time.perf_counter()) for _ in chunk]
+                else:
+                    if programs.pack_size != size:  # sized down to the device's memory
+                        packing["pack_size"] = programs.pack_size
+                        self.save()
+                        continue
+                    results = self.train_fn.train_pack(archs, self.skeleton, keys, programs)
+                    share = compile_seconds / len(chunk)  # the round's compile, on its 1st pack
+                    results = [dataclasses.replace(r, compile_seconds=share,
+                                                   wall_seconds=r.wall_seconds + share)
+                               for r in results]
+                distributed.sync_processes(f"round {rnd['round']} pack {chunk}")
+                if size > 1 and all(r.failure == "out_of_memory" for r in results):
+                    packing["pack_size"] = size // 2  # back off; the same candidates again
+                    logging.warning("a pack of %d ran out of device memory: packs of %d from "
+                                    "now on", size, size // 2)
+                    self.save()
+                    continue
+                for i, result in zip(chunk, results):
+                    self.record_result(entries[i], result)
+                    self.state["num_trained"] += 1
+                    self.seconds_trained.append(result.wall_seconds)
+                self.save()  # the pack's results together
+                for i in chunk:
+                    finish_entry(i)
+                to_train = to_train[len(chunk):]
+                if self.out_of_memory_stop():
+                    return
+                preemption.check()
+        finally:
             bar.close()
 
     def out_of_memory_stop(self) -> str | None:
@@ -857,6 +1002,7 @@ class _Search:
 
 
 _ESTIMATE_AFTER = 3  # candidates trained in this process before the duration is estimated
+AUTO_MAX_PACK = 16  # packing "auto" on an accelerator: the largest pack before memory sizing
 TIME_BUDGET_STOP = "time budget reached"
 OOM_STOP = "candidates in a row ran out of accelerator memory"
 
@@ -967,6 +1113,24 @@ class CandidateTrainer:
     def compile(self, arch: Architecture, skeleton: Skeleton) -> train_lib.CandidatePrograms:
         return train_lib.compile_candidate(arch, self.train_config, self.dataset,
                                            skeleton=skeleton)
+
+    def why_not_packed(self) -> str | None:
+        """Why this trainer cannot train packs (None: it can)."""
+        if not self.dataset.on_device:
+            return f"the {self.dataset.name} data streams from the host (packs need it resident)"
+        return None
+
+    def compile_pack(self, template: RoundTemplate, pack_size: int, selection: str
+                     ) -> packed_lib.PackedPrograms:
+        return packed_lib.compile_fitting_pack(template, self.train_config, self.dataset,
+                                               pack_size, selection)
+
+    def train_pack(self, archs: Sequence[Architecture], skeleton: Skeleton,
+                   keys: Sequence[jax.Array], programs: packed_lib.PackedPrograms
+                   ) -> list[train_lib.TrainResult]:
+        del skeleton  # the programs' template has it
+        return packed_lib.train_packed(archs, self.train_config, self.dataset, keys,
+                                       programs=programs)
 
     def __call__(self, arch: Architecture, skeleton: Skeleton, key: jax.Array,
                  programs=None) -> train_lib.TrainResult:

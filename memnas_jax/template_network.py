@@ -96,7 +96,7 @@ class Branch(nn.Module):
         if not self.slot.selected:
             return self._alternative(0, name="alternatives_0")(inputs[groups[0]], train)
         index = code[self.keys[0]]
-        if self.selection == "switch":
+        if self.selection == "switch" and not self.is_initializing():
             return self._switch(index, [inputs[g] for g in groups], train)
         outputs = []
         for a, g in enumerate(groups):
@@ -105,21 +105,14 @@ class Branch(nn.Module):
         return _choose(index, outputs)
 
     def _switch(self, index: jax.Array, inputs: list[jax.Array], train: bool) -> jax.Array:
-        """`lax.switch` over the alternatives, applied functionally: each alternative's variables
-        are one pytree-valued variable `alternatives_<a>` (the same paths as the submodules of
-        "select"), so only the chosen one runs and only its statistics change. (An absent
-        cell's index past the alternatives runs the last one, whose output nothing reads.)"""
+        """`lax.switch` over the alternatives, applied functionally on the variables their
+        submodules made at init (so "select" and "switch" share parameters, and their
+        initialisation): only the chosen one runs and only its statistics change. An absent
+        cell's index past the alternatives runs the last one, whose output nothing reads."""
+        names = [f"alternatives_{a}" for a in range(len(inputs))]
         modules = [self._alternative(a, parent=None) for a in range(len(inputs))]
-        params, stats = [], []
-        for a, (module, x) in enumerate(zip(modules, inputs)):
-            if self.slot.alternatives[a].is_identity:  # no variables
-                params.append({})
-                stats.append(None)
-                continue
-            init = functools.partial(_init_alternative, module, x)
-            params.append(self.param(f"alternatives_{a}", lambda rng, f=init: f(rng)["params"]))
-            stats.append(self.variable("batch_stats", f"alternatives_{a}",
-                                       lambda f=init: f(jax.random.key(0))["batch_stats"]))
+        params = [self.get_variable("params", n, {}) for n in names]
+        stats = [self.get_variable("batch_stats", n, {}) for n in names]
 
         def run(a, operands):
             inputs_, values = operands
@@ -128,19 +121,13 @@ class Branch(nn.Module):
             values = list(values)
             values[a] = updates.get("batch_stats", values[a])
             return y, values
-        y, new_stats = jax.lax.switch(index, [functools.partial(run, a) for a in
-                                              range(len(modules))],
-                                      (inputs, [s.value if s else {} for s in stats]))
-        if train and not self.is_initializing():
-            for variable, value in zip(stats, new_stats):
-                if variable is not None:
-                    variable.value = value
+        y, new_stats = jax.lax.switch(
+            index, [functools.partial(run, a) for a in range(len(modules))], (inputs, stats))
+        if train and self.is_mutable_collection("batch_stats"):
+            for name, value in zip(names, new_stats):
+                if value:
+                    self.put_variable("batch_stats", name, value)
         return y
-
-
-def _init_alternative(module: nn.Module, x: jax.Array, rng: jax.Array) -> dict:
-    variables = dict(module.init(rng, x, False))
-    return {"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})}
 
 
 class TemplateBlock(nn.Module):

@@ -720,8 +720,14 @@ def train_candidate(arch: Iterable[Iterable[Cell]] | None, config: ml_collection
         return _train(arch, config, data, rng, skeleton, model, programs, start)
     except Exception as e:  # pylint: disable=broad-except  # a candidate must never kill a search
         logging.warning("candidate failed: %s", traceback.format_exc())
-        return _failed(f"{type(e).__name__}: {_first_line(e, 2000)}", start,
-                       failure="out_of_memory" if is_out_of_memory(e) else "error")
+        return failed_result(e, start)
+
+
+def failed_result(error: BaseException, start: float) -> TrainResult:
+    """The "failed" result of a candidate whose training raised `error` (started at
+    `time.perf_counter()` `start`): out of memory or another error, with the message."""
+    return _failed(f"{type(error).__name__}: {_first_line(error, 2000)}", start,
+                   failure="out_of_memory" if is_out_of_memory(error) else "error")
 
 
 def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainResult:
@@ -908,6 +914,7 @@ __all__ = [
     "AUTO_CACHE", "DTYPES", "STATUSES", "XLA_CACHE_DIR", "CandidatePrograms", "TrainResult",
     "TrainState", "check_config", "compilation_cache_path", "compile_candidate",
     "compiler_options", "configure_compilation_cache", "cross_entropy", "default_config",
+    "failed_result",
     "is_out_of_memory", "make_optimizer", "make_schedule", "resolve_depthwise_impl",
     "skeleton_from_config", "train_candidate",
 ]

@@ -300,3 +300,68 @@ def _trained(workdir: pathlib.Path) -> int:
     if state is None:
         return 0
     return sum(e["status"] != "pending" for r in state["rounds"] for e in r["entries"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed training (memnas_jax.packed) through the main: rounds of packs of two
+
+
+def _packed_argv(workdir, cache):
+    return [*_search_argv(workdir, cache), "--config.parallel.packing=packed",
+            "--config.parallel.pack_size=2"]
+
+
+@pytest.fixture(scope="module")
+def whole_packed_search(tmp_path_factory):
+    root = tmp_path_factory.mktemp("whole_packed")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    subprocess.run(_packed_argv(root / "workdir", root / "jax_cache"), env=env, check=True,
+                   capture_output=True, timeout=900)
+    return root / "workdir", root / "jax_cache"
+
+
+@pytest.mark.slow
+def test_packed_search_runs_end_to_end(whole_packed_search):
+    workdir, _ = whole_packed_search
+    state = search.load_state(workdir)
+    assert state["status"] == "finished" and state["num_trained"] == 6
+    for rnd in state["rounds"]:
+        assert rnd["packing"] == {"pack_size": 2, "selection": "select"}
+        assert all(e["status"] == "ok" for e in rnd["entries"])
+        # The round's one compile is charged to its first pack; every candidate trained.
+        assert sum(e["compile_seconds"] > 0 for e in rnd["entries"]) == 2
+    records = reports.read_candidates(workdir)
+    assert [r["round"] for r in records] == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.slow
+def test_packed_search_killed_resumes_the_same_packs(whole_packed_search, tmp_path):
+    """SIGKILL right after the first pack (2 candidates), 8 s into a rerun (compiling or
+    training round 1's pack) and right after the second pack; the reruns train the pack in
+    flight again and the search ends where the uninterrupted run did."""
+    whole, cache = whole_packed_search
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    workdir = tmp_path / "killed"
+    for after, delay in ((2, 0.0), (2, 8.0), (4, 0.0)):
+        proc = subprocess.Popen(_packed_argv(workdir, cache), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 600
+        while _trained(workdir) < after:
+            if proc.poll() is not None:
+                pytest.fail(f"the search ended before candidate {after}:\n"
+                            f"{proc.stderr.read().decode()[-3000:]}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"no candidate {after} within 600 s")
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        assert _trained(workdir) % 2 == 0  # a pack's results are saved together
+    subprocess.run(_packed_argv(workdir, cache), env=env, check=True, capture_output=True,
+                   timeout=900)
+    assert (_without_timing(reports.read_candidates(workdir))
+            == _without_timing(reports.read_candidates(whole)))
+    assert json.loads((workdir / reports.BEST_FILE).read_text()) == json.loads(
+        (whole / reports.BEST_FILE).read_text())

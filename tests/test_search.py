@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import pathlib
+import types
 
 import jax
 import numpy as np
@@ -426,3 +427,64 @@ def test_state_file_round_trip_and_checksum(tmp_path):
     assert search.load_state(tmp_path)["x"] == [1, 2.5, None, "é"]
     with pytest.raises(ValueError):  # NaN never reaches a state file
         search.save_state({"bad": float("nan")}, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed training in the search loop (the trainer scripted; tests/test_packed.py trains packs)
+
+
+@dataclasses.dataclass
+class ScriptedPackTrainer(ScriptedTrainer):
+    """Trains packs as ScriptedTrainer would train their candidates one by one; a pack of
+    more than `fits` candidates runs out of memory."""
+
+    fits: int = 100
+    packs: list = dataclasses.field(default_factory=list)
+
+    def why_not_packed(self):
+        return None
+
+    def compile_pack(self, template, pack_size, selection):
+        assert template.skeleton is not None and selection in ("select", "switch")
+        return types.SimpleNamespace(pack_size=pack_size, compile_seconds=0.5)
+
+    def train_pack(self, archs, skeleton, keys, programs):
+        self.packs.append(len(archs))
+        if len(archs) > self.fits:
+            return [dataclasses.replace(self(a, skeleton, k), status="failed", failure=(
+                "out_of_memory"), best_val_accuracy=None) for a, k in zip(archs, keys)]
+        return [self(a, skeleton, k) for a, k in zip(archs, keys)]
+
+
+def test_packed_rounds_record_what_one_by_one_training_gives(tmp_path):
+    alone = search.run_search(_config(), tmp_path / "alone", train_fn=ScriptedTrainer())
+    config = _config()
+    config.parallel.update(dict(packing="packed", pack_size=4))
+    trainer = ScriptedPackTrainer(fits=2)
+    packed = search.run_search(config, tmp_path / "packed", train_fn=trainer)
+    assert packed.architecture == alone.architecture
+    assert (_without_timing(reports.read_candidates(tmp_path / "packed"))
+            == _without_timing(reports.read_candidates(tmp_path / "alone")))
+    # Packs of 4 ran out of memory once; the round backed off to 2 and kept that.
+    assert trainer.packs[:3] == [4, 2, 2]
+    state = _state(tmp_path / "packed")
+    assert state["rounds"][0]["packing"] == {"pack_size": 2, "selection": "select"}
+    assert all(e["compile_seconds"] > 0 for e in state["rounds"][0]["entries"][:2])
+
+
+def test_packing_choices_and_their_errors(tmp_path):
+    config = _config(max_rounds=1)
+    search.run_search(config, tmp_path / "auto", train_fn=ScriptedPackTrainer())
+    # "auto" on a CPU trains standalone (README, "Packed training"); recorded in the round.
+    assert _state(tmp_path / "auto")["rounds"][0]["packing"] is None
+    config.parallel.packing = "packed"
+    with pytest.raises(search.ConfigError, match="trains one candidate at a time"):
+        search.run_search(config, tmp_path / "plain", train_fn=ScriptedTrainer())
+    for field, value, message in (
+            ("packing", "sometimes", "parallel.packing = 'sometimes' is not one of"),
+            ("candidate_groups", 2, "set parallel.candidate_groups = 1"),
+            ("pack_size", -1, "parallel.pack_size must be an integer >= 0")):
+        config = _config(max_rounds=1)
+        config.parallel.update({"packing": "packed", field: value})
+        with pytest.raises(ValueError, match=message):
+            search.run_search(config, tmp_path / "bad", train_fn=ScriptedPackTrainer())
