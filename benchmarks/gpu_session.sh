@@ -10,6 +10,8 @@
 #   round0  round 0 of the gpu preset: sequential vs compile-ahead vs warm cache  <= 390 s
 #   flags   narrowing the autotuner, each setting on a cold cache                  <= 5 x 150 s
 #   grown4  a round grown from a 4-cell base                                       <= 360 s
+#   packed  issue "part 2": round 0 of the gpu preset (49 candidates) ahead vs packed
+#           (packs of 16, then 49), a 4-cell round packed, the packed tests         <= 560 s
 #   result  the README's results chain: gpu_quick search, final training of its answer and of
 #           ResNet-20 (train_final.py:quick), compare.py                             <= 600 s
 # Everything lands in $OUT (logs and the RESULT lines); each part has its own timeout, so a part
@@ -53,6 +55,17 @@ done
 # A round grown from a 4-cell base (bigger programs).
 [[ " $PARTS " == *" grown4 "* ]] && part 360 grown4 python3 benchmarks/search_throughput.py --preset gpu --round 1 --base_cells 4 \
   --candidates 4 $SUBSET --modes sequential,ahead
+# Packed training: one program per round, K candidates per step (README, "Packed training").
+if [[ " $PARTS " == *" packed "* ]]; then
+  part 60 packed_tests python3 -m pytest -q -x -p no:cacheprovider tests/test_packed.py \
+    -k "matches or diverging"
+  part 200 packed_round0 python3 benchmarks/search_throughput.py --preset gpu --round 0 \
+    --candidates 49 $SUBSET --modes ahead --packing 16
+  part 120 packed_round0_49 python3 benchmarks/search_throughput.py --preset gpu --round 0 \
+    --candidates 49 $SUBSET --modes ahead --packing 49
+  part 180 packed_grown4 python3 benchmarks/search_throughput.py --preset gpu --round 1 \
+    --base_cells 4 --candidates 32 $SUBSET --modes ahead --packing 16
+fi
 # The results chain (README, "Results"): work directories in /tmp, the reports copied to $OUT.
 if [[ " $PARTS " == *" result "* ]]; then
   R=/tmp/runs; mkdir -p "$R" "$OUT/results"

@@ -16,7 +16,10 @@ candidate group), once per mode, each mode in a fresh process:
   (`--compile_ahead`, default the search's "auto"), persistent cache in a fresh directory (what
   a new search does);
 * warm: the same with the cache the "ahead" run filled (a resumed or repeated search, and a
-  later round meeting the same programs).
+  later round meeting the same programs);
+* packed (`--packing K`, -1 = the search's auto size): the round's candidates as one template
+  (`memnas_jax.packed`), compiled once, the sample trained in packs of K, with a fresh cache
+  (`--pack_selection`: "select" vmaps the pack, "switch" runs one candidate's ops only).
 
 Per candidate it prints compile seconds (in whichever thread compiled it), the seconds training
 waited for its programs, training seconds (the epochs' steps), other seconds (init, evaluation,
@@ -41,7 +44,7 @@ import time
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-MODES = ("sequential", "ahead", "warm")
+MODES = ("sequential", "ahead", "warm", "packed")
 # Dense peak in TFLOP/s by (backend, compute dtype): this project's 2-core AMD EPYC (fp32 FMA,
 # train_throughput.py) and an NVIDIA H200 SXM (bf16 tensor cores / fp32 without them, from
 # NVIDIA's data sheet); --peak_tflops for other hardware.
@@ -78,8 +81,10 @@ def base_architecture(cells: int, ops, num_blocks: int):
     return uniform_architecture(chain, num_blocks)
 
 
-def round_candidates(config, skeleton, round_index: int, base_cells: int, count: int):
-    """A seeded sample of `count` candidates of the round (the search's own generators)."""
+def round_candidates(config, skeleton, round_index: int, base_cells: int, count: int,
+                     everyone: bool = False):
+    """A seeded sample of `count` candidates of the round (the search's own generators), or
+    with `everyone` (all of the round, the sample) ."""
     # pylint: disable=import-outside-toplevel
     from memnas_jax import search
     from memnas_jax.grow_trim import generate_candidates, initial_candidates
@@ -91,7 +96,8 @@ def round_candidates(config, skeleton, round_index: int, base_cells: int, count:
         candidates = generate_candidates(base, options)
     chosen = search.seeded_sample([c.arch_hash for c in candidates], count, config.seed,
                                   round_index)
-    return [candidates[i] for i in chosen]
+    sample = [candidates[i] for i in chosen]
+    return (candidates, sample) if everyone else sample
 
 
 def worker(spec: dict) -> dict:
@@ -118,23 +124,26 @@ def worker(spec: dict) -> dict:
     depth = resolve_depth(spec["compile_ahead"])
     rows = []
     start = last = time.perf_counter()
-    with CompileAhead(lambda c: trainer.compile(c.architecture, skeleton),
-                      candidates, depth) as ahead:
-        for c in candidates:
-            programs = ahead.take(c)
-            extra = {} if programs is None else {"programs": programs}
-            result = trainer(c.architecture, skeleton,
-                             search.candidate_key(config.seed, c.arch_hash), **extra)
-            now = time.perf_counter()
-            train_s = sum(result.epoch_seconds)
-            rows.append(dict(
-                hash=c.arch_hash[:10], description=c.describe(), status=result.status,
-                cells=max(c.architecture.cells_per_block), compile_s=result.compile_seconds,
-                wait_s=result.compile_wait_seconds, train_s=train_s,
-                other_s=now - last - train_s - result.compile_wait_seconds, wall_s=now - last,
-                accuracy=result.best_val_accuracy, images_per_s=result.images_per_second,
-                flops_per_image=result.train_flops_per_image))
-            last = now
+    if spec["mode"] == "packed":
+        rows, depth = _packed_rows(args, config, skeleton, trainer), spec["pack_size"]
+    else:
+        with CompileAhead(lambda c: trainer.compile(c.architecture, skeleton),
+                          candidates, depth) as ahead:
+            for c in candidates:
+                programs = ahead.take(c)
+                extra = {} if programs is None else {"programs": programs}
+                result = trainer(c.architecture, skeleton,
+                                 search.candidate_key(config.seed, c.arch_hash), **extra)
+                now = time.perf_counter()
+                train_s = sum(result.epoch_seconds)
+                rows.append(dict(
+                    hash=c.arch_hash[:10], description=c.describe(), status=result.status,
+                    cells=max(c.architecture.cells_per_block), compile_s=result.compile_seconds,
+                    wait_s=result.compile_wait_seconds, train_s=train_s,
+                    other_s=now - last - train_s - result.compile_wait_seconds, wall_s=now - last,
+                    accuracy=result.best_val_accuracy, images_per_s=result.images_per_second,
+                    flops_per_image=result.train_flops_per_image))
+                last = now
     wall = time.perf_counter() - start
     train = sum(r["train_s"] for r in rows)
     images = sum(r["images_per_s"] * r["train_s"] for r in rows)
@@ -151,6 +160,45 @@ def worker(spec: dict) -> dict:
         peak_fraction=(flops / train / (peak * 1e12)) if train and peak else None,
         dtype=dtype, epochs=config.train.epochs, train_images=len(dataset.train),
         failed=sum(r["status"] != "ok" for r in rows), rows=rows)
+
+
+def _packed_rows(args, config, skeleton, trainer) -> list[dict]:
+    """The packed mode: one template for the whole round, the sample trained in packs."""
+    # pylint: disable=import-outside-toplevel
+    import jax
+
+    from memnas_jax import search
+    from memnas_jax.template import RoundTemplate
+    everyone, sample = round_candidates(config, skeleton, args.round, args.base_cells,
+                                        args.candidates, everyone=True)
+    size = args.packing if args.packing > 0 else (
+        1 if jax.default_backend() == "cpu" else min(search.AUTO_MAX_PACK, len(sample)))
+    start = time.perf_counter()
+    template = RoundTemplate.from_architectures([c.architecture for c in everyone], skeleton)
+    programs = trainer.compile_pack(template, size, args.pack_selection)
+    compile_s = time.perf_counter() - start
+    size, rows, last = programs.pack_size, [], time.perf_counter()
+    for first in range(0, len(sample), size):
+        pack = sample[first:first + size]
+        results = trainer.train_pack(
+            [c.architecture for c in pack], skeleton,
+            [search.candidate_key(config.seed, c.arch_hash) for c in pack], programs)
+        now = time.perf_counter()
+        share = (now - last) / len(pack)
+        for c, result in zip(pack, results):
+            train_s = sum(result.epoch_seconds) / len(pack)
+            compile_share = compile_s / len(sample)
+            rows.append(dict(
+                hash=c.arch_hash[:10], description=c.describe(), status=result.status,
+                cells=max(c.architecture.cells_per_block), compile_s=compile_share,
+                wait_s=compile_share if first == 0 else 0.0, train_s=train_s,
+                other_s=share - train_s, wall_s=share + (compile_share if first == 0 else 0.0),
+                accuracy=result.best_val_accuracy,
+                # its images over its share of the pack's time: summed rows give the pack's
+                images_per_s=result.images_per_second * len(pack),
+                flops_per_image=result.train_flops_per_image))
+        last = now
+    return rows
 
 
 def _cache_files(cache: str) -> dict:
@@ -211,7 +259,12 @@ def main() -> None:
                         "folder); an existing cache makes 'ahead' warm too")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
                         help="the hardware's peak for the dtype (0: PEAK_TFLOPS)")
-    parser.add_argument("--modes", default=",".join(MODES),
+    parser.add_argument("--packing", type=int, default=0,
+                        help="also run the packed mode with packs of this size (-1: the "
+                        "search's auto size; 0: not)")
+    parser.add_argument("--pack_selection", default="auto",
+                        help="packed mode: select, switch (pack size 1) or auto")
+    parser.add_argument("--modes", default=",".join(MODES[:3]),
                         help=f"comma-separated, from {MODES}; the first is the reference")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,6 +272,8 @@ def main() -> None:
         print("WORKER " + json.dumps(worker(json.loads(args.worker))))
         return
     modes = [m for m in args.modes.split(",") if m]
+    if args.packing and "packed" not in modes:
+        modes.append("packed")
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes must name some of {MODES}, got {args.modes!r}")
     spec_args = {k: v for k, v in vars(args).items() if k not in ("worker", "modes")}
@@ -230,8 +285,10 @@ def main() -> None:
         cache = args.cache_dir or os.path.join(tmp, "xla_cache")
         for mode in modes:
             spec = dict(args=spec_args, mode=mode, workdir=os.path.join(tmp, mode),
-                        cache_dir="" if mode == "sequential" else cache,
-                        compile_ahead=0 if mode == "sequential" else args.compile_ahead)
+                        cache_dir={"sequential": "", "packed": os.path.join(tmp, "packed_cache")
+                                   }.get(mode, cache),
+                        compile_ahead=0 if mode == "sequential" else args.compile_ahead,
+                        pack_size=args.packing)
             proc = subprocess.run(
                 [sys.executable, __file__, "--worker", json.dumps(spec)], cwd=REPO_ROOT,
                 capture_output=True, text=True, check=False, env=env)
@@ -239,7 +296,8 @@ def main() -> None:
             if proc.returncode or not lines:
                 sys.exit(f"mode {mode} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
             results.append(json.loads(lines[-1][len("WORKER "):]))
-            results[-1].update(_cache_files(cache) if mode != "sequential" else {})
+            if mode != "sequential":
+                results[-1].update(_cache_files(spec["cache_dir"]))
             _print_mode(results[-1])
     final, reference = results[-1], results[0]
     summary = {k: final.get(k) for k in (

@@ -32,3 +32,20 @@ def test_search_throughput_prints_its_table_and_result_line():
     assert result["reference"]["mode"] == "sequential" and result["speedup"] > 0
     # The warm cache (a resumed search) compiles less than the sequential reference.
     assert result["compile_s"] < result["reference"]["compile_s"]
+
+
+@pytest.mark.slow
+def test_search_throughput_packed_mode():
+    """`--packing 3`: the round-0 template compiled once, three candidates in one pack."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "search_throughput.py"),
+         "--preset", "test", "--candidates", "3", "--epochs", "1", "--modes", "ahead",
+         "--packing", "3"],
+        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## packed (cpu" in proc.stdout
+    result = json.loads(proc.stdout.splitlines()[-1].removeprefix("RESULT "))
+    assert result["mode"] == "packed" and result["candidates"] == 3
+    assert result["reference"]["mode"] == "ahead"
+    assert result["images_per_s"] > 0 and result["peak_fraction"] > 0
