@@ -5,7 +5,7 @@ other ones, and prints Kendall tau and precision@50 against the true accuracies 
   controller        pairwise loss, cross-candidate ranking LSTM (the default config)
   no cross LSTM     the ablation: score from each architecture's own feature
   MSE               the authors' loss (regression on the standardised accuracy)
-  params            parameter count, no learning (DESIGN.md: tau about 0.52)
+  params            parameter count, no learning (docs/method.md §7: tau about 0.52)
 and times `predict` on 10,000 candidates after compile.
 
 Data: $MEMNAS_DATA_DIR/nasbench201/cifar10_avg.csv (default ../shared/data relative to the repo).

@@ -35,7 +35,7 @@ _OPS = ("conv_3x3", "sep_conv_3x3", "max_pool_3x3", "dil_conv_3x3", "sep_conv_5x
 
 
 def _small_candidates(count: int):
-    from memnas_jax.encoding import uniform_architecture  # pylint: disable=import-outside-toplevel
+    from memnas_jax.encoding import uniform_architecture
     pairs = [(a, b) for a in _OPS for b in _OPS]
     return [uniform_architecture([(0, 0, *pairs[(5 * i) % len(pairs)])]) for i in range(count)]
 
@@ -43,10 +43,10 @@ def _small_candidates(count: int):
 def _worker(groups: int, num_candidates: int, width: int, image_size: int, num_train: int,
             epochs: int) -> dict:
     """Runs in a subprocess with D devices: trains the candidates with `groups` groups."""
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
 
-    from memnas_jax import candidate_parallel, train  # pylint: disable=import-outside-toplevel
-    from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    from memnas_jax import candidate_parallel, train
+    from memnas_jax import data as data_lib
 
     config = train.default_config()
     config.skeleton.width = width
@@ -105,12 +105,12 @@ def print_measured(rows: list[dict]) -> None:
 def train_step_flops(arch, skeleton, batch_size: int) -> float:
     """XLA's FLOP count of one SGD train step (forward, backward, update) at `batch_size`, from
     the lowered (not compiled) computation with the plain depthwise convs GPUs/TPUs run."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    import optax  # pylint: disable=import-outside-toplevel
+    import jax
+    import jax.numpy as jnp
+    import optax
 
-    from memnas_jax import train  # pylint: disable=import-outside-toplevel
-    from memnas_jax.network import MemNASNetwork  # pylint: disable=import-outside-toplevel
+    from memnas_jax import train
+    from memnas_jax.network import MemNASNetwork
 
     model = MemNASNetwork(arch, skeleton, depthwise_impl="xla")
     images = jax.ShapeDtypeStruct((batch_size, skeleton.image_size, skeleton.image_size,
@@ -179,7 +179,7 @@ IMAGENET_SEARCH = SearchShape("ImageNet (5-epoch proxy)", (98, 392) + (100,) * 1
 
 def per_image_flops_by_cells(skeleton, batch_size: int) -> dict[int, float]:
     """Train FLOPs per image of candidates with 1, 2, 3 grown cells per block."""
-    from memnas_jax.encoding import uniform_architecture  # pylint: disable=import-outside-toplevel
+    from memnas_jax.encoding import uniform_architecture
     return {n: train_step_flops(uniform_architecture(_GROWN_CELLS[:n]), skeleton, batch_size)
             / batch_size for n in (1, 2, 3)}
 
@@ -188,7 +188,7 @@ def round_flops_per_image(round_index: int, flops_by_cells: dict[int, float]) ->
     """Train FLOPs per image of a round's candidates (about round + 1 cells per block):
     measured where available, else the quadratic through the measured sizes (a block's output
     is the concat of its n cells, so the next block's ops read n x C channels: work ~ n^2)."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
+    import numpy as np
     cells = round_index + 1
     if cells in flops_by_cells:
         return flops_by_cells[cells]
@@ -204,7 +204,7 @@ def search_flops(shape: SearchShape, flops_by_cells: dict[int, float]) -> float:
 
 
 def cost_model() -> None:
-    from memnas_jax.space import cifar_skeleton, imagenet_skeleton  # pylint: disable=C0415
+    from memnas_jax.space import cifar_skeleton, imagenet_skeleton
     shapes = ((CIFAR_SEARCH, cifar_skeleton(64), 64),
               (IMAGENET_SEARCH, imagenet_skeleton(32, 224, 1000), 256))
     for shape, skeleton, batch in shapes:

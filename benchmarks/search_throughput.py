@@ -53,7 +53,7 @@ PEAK_TFLOPS = {("cpu", "float32"): 0.234, ("cpu", "bfloat16"): 0.234,
 
 
 def _config(args):
-    import importlib.util  # pylint: disable=import-outside-toplevel
+    import importlib.util
     spec = importlib.util.spec_from_file_location(
         "cifar10_config", REPO_ROOT / "experiments" / "configs" / "cifar10.py")
     module = importlib.util.module_from_spec(spec)
@@ -74,7 +74,7 @@ def _config(args):
 def base_architecture(cells: int, ops, num_blocks: int):
     """A base of `cells` cells in every block: cell j reads cell j-1 and the block input, with
     the preset's ops in turn, only the last cell linked (a chain, as grown by the search)."""
-    from memnas_jax.encoding import Cell, uniform_architecture  # pylint: disable=import-outside-toplevel
+    from memnas_jax.encoding import Cell, uniform_architecture
     ops = list(ops)
     chain = [Cell(j, 0, ops[(2 * j) % len(ops)], ops[(2 * j + 1) % len(ops)],
                   linked=j == cells - 1) for j in range(cells)]
@@ -85,7 +85,6 @@ def round_candidates(config, skeleton, round_index: int, base_cells: int, count:
                      everyone: bool = False):
     """A seeded sample of `count` candidates of the round (the search's own generators), or
     with `everyone` (all of the round, the sample) ."""
-    # pylint: disable=import-outside-toplevel
     from memnas_jax import search
     from memnas_jax.grow_trim import generate_candidates, initial_candidates
     options = search.grow_trim_options(config, round_index)
@@ -102,7 +101,6 @@ def round_candidates(config, skeleton, round_index: int, base_cells: int, count:
 
 def worker(spec: dict) -> dict:
     """One mode, in this (fresh) process: trains the candidates and times them."""
-    # pylint: disable=import-outside-toplevel
     from memnas_jax import sharding
     sharding.disable_cpu_ynn_fusions()  # as the search mains do
     import jax
@@ -164,7 +162,6 @@ def worker(spec: dict) -> dict:
 
 def _packed_rows(args, config, skeleton, trainer) -> list[dict]:
     """The packed mode: one template for the whole round, the sample trained in packs."""
-    # pylint: disable=import-outside-toplevel
     import jax
 
     from memnas_jax import search

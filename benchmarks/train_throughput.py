@@ -3,12 +3,12 @@
     python benchmarks/train_throughput.py [--widths=32,64] [--devices=1,2] [--batch=128]
 
 For the authors' round-0 winner net53 (fac_conv_7(in) + sep_conv_3x3(in), add) and the six-cell
-searched block (memnas_method.md 2.3), at each width, it runs `train_candidate` (the real training
+searched block (docs/method.md §1), at each width, it runs `train_candidate` (the real training
 step: on-device gather + augmentation + forward/backward + SGD) for a few epochs of synthetic data
 and reports images/s after compile (the first epoch is warm-up), compile seconds, model FLOPs per
 image (3x the XLA cost_analysis of the forward pass, the usual training estimate), XLA's own count
 for the whole step, and the achieved model FLOP/s as a fraction of this CPU's fp32 peak
-(--peak_gflops, DESIGN.md: about 234 on the 2-core AMD EPYC here).
+(--peak_gflops, about 234 on the 2-core AMD EPYC here).
 
 Settings: 1 vs 2 XLA host devices x XLA:CPU's YNNPACK fusions off (what the mains run) / on
 (`--ynn_fusions=off,on`; each in its own subprocess, as XLA_FLAGS must be set before JAX starts)
@@ -54,7 +54,6 @@ _OUT = flags.DEFINE_string("out", "", "Also write the rows as JSON to this file.
 
 
 def networks() -> dict:
-    # pylint: disable-next=import-outside-toplevel
     from memnas_jax.encoding import Cell, uniform_architecture
     sep3, sep5, fac7, maxp, avgp = 5, 4, 3, 1, 0
     return {
@@ -73,10 +72,10 @@ def networks() -> dict:
 
 def forward_flops_per_image(arch, skeleton, batch: int) -> float:
     """XLA's FLOP count of the inference forward pass (plain depthwise conv), per image."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import jax
+    import jax.numpy as jnp
 
-    from memnas_jax.network import abstract_variables  # pylint: disable=import-outside-toplevel
+    from memnas_jax.network import abstract_variables
     module, variables = abstract_variables(arch, skeleton, depthwise_impl="xla")
     x = jax.ShapeDtypeStruct((batch, skeleton.image_size, skeleton.image_size, 3), jnp.float32)
     compiled = jax.jit(lambda v, x: module.apply(v, x, train=False)).lower(variables, x).compile()
@@ -86,10 +85,10 @@ def forward_flops_per_image(arch, skeleton, batch: int) -> float:
 
 
 def run_jax(devices: int) -> list[dict]:
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
 
-    from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-    from memnas_jax import train  # pylint: disable=import-outside-toplevel
+    from memnas_jax import data as data_lib
+    from memnas_jax import train
     assert jax.device_count() == devices, jax.devices()
     batch = _BATCH.value
     data = data_lib.synthetic_dataset(num_train=batch * _STEPS.value, num_validation=0,
@@ -134,8 +133,8 @@ def run_jax(devices: int) -> list[dict]:
 
 def torch_network(arch, skeleton):
     """The same network in PyTorch: the ops of memnas_jax.ops with PyTorch's own layers."""
-    import torch  # pylint: disable=import-outside-toplevel
-    from torch import nn  # pylint: disable=import-outside-toplevel
+    import torch
+    from torch import nn
     bias = skeleton.conv_bias
 
     def conv_bn(cin, cout, kernel, stride=1, dilation=1, relu=True, groups=1):
@@ -216,8 +215,8 @@ def _flax_layers(params: dict, stats: dict) -> list[tuple]:
 
 def copy_flax_to_torch(variables: dict, model, skeleton) -> None:
     """Loads Flax MemNASNetwork variables into `torch_network` (same layer order)."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
+    import numpy as np
+    import torch
     params, stats = variables["params"], variables.get("batch_stats", {})
     blocks = {name: params[name] for name in params if name.startswith("block")}
     flax_layers = _flax_layers(blocks, stats)
@@ -246,11 +245,11 @@ def copy_flax_to_torch(variables: dict, model, skeleton) -> None:
 
 def check_equal_logits(arch, skeleton) -> float:
     """Max |logit difference| of the Flax and PyTorch networks with the same weights."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
+    import jax
+    import numpy as np
+    import torch
 
-    from memnas_jax.network import init_network  # pylint: disable=import-outside-toplevel
+    from memnas_jax.network import init_network
     module, variables = init_network(jax.random.PRNGKey(1), arch, skeleton)
     model = torch_network(arch, skeleton).eval()
     copy_flax_to_torch(jax.device_get(variables), model, skeleton)
@@ -262,10 +261,10 @@ def check_equal_logits(arch, skeleton) -> float:
 
 
 def run_torch(threads: int) -> list[dict]:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch
 
-    from memnas_jax.network import param_count  # pylint: disable=import-outside-toplevel
-    from memnas_jax.space import cifar_skeleton  # pylint: disable=import-outside-toplevel
+    from memnas_jax.network import param_count
+    from memnas_jax.space import cifar_skeleton
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     batch, rows, widths = _BATCH.value, [], [int(w) for w in _WIDTHS.value]

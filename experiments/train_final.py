@@ -52,7 +52,7 @@ def main(argv):
 
 
 def _read_architecture(path: str):
-    from memnas_jax.encoding import Architecture, EncodingError  # pylint: disable=import-outside-toplevel
+    from memnas_jax.encoding import Architecture, EncodingError
     try:
         text = pathlib.Path(path).read_text()
     except OSError as e:
@@ -71,15 +71,15 @@ def _main():
                         "--baseline=NAME (resnet20, resnet56, resnet110, mobilenetv2)")
     sharding.set_host_device_count(_HOST_DEVICES.value or min(os.cpu_count() or 1, 8))
     sharding.disable_cpu_ynn_fusions()  # ~6x faster CPU convolutions (jaxlib 0.10)
-    from memnas_jax import baselines, workdir_lock  # pylint: disable=import-outside-toplevel
+    from memnas_jax import baselines, distributed, workdir_lock
 
-    sharding.initialize_distributed()
+    distributed.initialize()
     config = _CONFIG.value
     workdir = pathlib.Path(_WORKDIR.value)
     arch = _read_architecture(_ARCH.value) if _ARCH.value else None
     if _BASELINE.value and _BASELINE.value not in baselines.BASELINES:
         raise UserError(f"--baseline={_BASELINE.value} is not one of {baselines.BASELINES}")
-    import jax  # pylint: disable=import-outside-toplevel  # after the XLA flags above
+    import jax  # after the XLA flags above
     if jax.process_index() != 0:  # process 0 writes the work directory and owns it
         return _train_and_report(config, workdir, arch)
     workdir_lock.prepare_workdir(workdir)
@@ -88,12 +88,12 @@ def _main():
 
 
 def _train_and_report(config, workdir: pathlib.Path, arch) -> int:
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
 
-    from memnas_jax import accounting, baselines, train  # pylint: disable=import-outside-toplevel
-    from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-    from memnas_jax.io import atomic_write  # pylint: disable=import-outside-toplevel
-    from memnas_jax.network import MemNASNetwork  # pylint: disable=import-outside-toplevel
+    from memnas_jax import accounting, baselines, train
+    from memnas_jax import data as data_lib
+    from memnas_jax.io import atomic_write
+    from memnas_jax.network import MemNASNetwork
     if not config.checkpoint_dir:
         config.checkpoint_dir = str(workdir / "checkpoints")
     config.compilation_cache_dir = train.compilation_cache_path(config.compilation_cache_dir,

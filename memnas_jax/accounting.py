@@ -79,7 +79,7 @@ def measure(model: nn.Module, image_shape: tuple[int, ...], accounting: str = OU
     elif accounting == "layer_outputs":
         working = _layer_output_bytes(jax.make_jaxpr(forward)(variables, image(1)).jaxpr)
     else:
-        from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=import-outside-toplevel
+        from jax._src.ad_checkpoint import saved_residuals
         concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
 
         def loss(params, x):

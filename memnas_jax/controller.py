@@ -1,4 +1,4 @@
-"""The structure-correlation controller: a learned ranker of candidate architectures (DESIGN.md 7).
+"""The structure-correlation controller: a learned ranker of architectures (docs/method.md §7).
 
 Model (the paper's figure, with LSTMs):
   token rows -> one embedding per categorical field, summed (or concatenated)

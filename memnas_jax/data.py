@@ -1,4 +1,4 @@
-"""Datasets and input pipelines (DESIGN.md sections 8 and 10).
+"""Datasets and input pipelines (docs/method.md §8, §10).
 
 Two kinds of splits:
 
@@ -37,7 +37,7 @@ from memnas_jax.errors import UserError
 DATA_DIR_ENV = download_lib.DATA_DIR_ENV
 
 # Per-channel statistics on the [0, 1] scale. CIFAR-10: the authors' Normalize
-# (mean [125.3, 123.0, 113.9] / 255, std [63.0, 62.1, 66.7] / 255, memnas_method.md 6.2).
+# (mean [125.3, 123.0, 113.9] / 255, std [63.0, 62.1, 66.7] / 255, docs/method.md §8).
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -322,12 +322,12 @@ def tfds_builder(name: str, data_dir: str = ""):
     """The TFDS builder of a dataset prepared locally; never downloads. Raises
     `DatasetNotFoundError` (in about a second) when it is not prepared."""
     try:
-        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+        import tensorflow_datasets as tfds
     except ImportError as e:
         raise DatasetNotFoundError(f"tensorflow_datasets is not importable: {e}") from None
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
-    except Exception as e:  # pylint: disable=broad-except  # tfds raises many types
+    except Exception as e:  # tfds raises many types
         raise DatasetNotFoundError(f"TFDS builder {name!r}: {type(e).__name__}: "
                                    f"{str(e).strip().splitlines()[0]}") from None
     if not builder.is_prepared():
@@ -351,7 +351,7 @@ def load_tfds_arrays(name: str, splits: Sequence[str] = ("train", "test"), data_
             images = np.stack([r["image"] for r in records])
             labels = np.asarray([r["label"] for r in records])
         else:
-            import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+            import tensorflow_datasets as tfds
             try:
                 arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
             except ImportError as e:
@@ -497,7 +497,7 @@ def augment_batch(key: jax.Array, images: jax.Array, *, mean: Sequence[float],
 
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of a uint8 HWC image (scipy, so no imaging library is needed)."""
-    import scipy.ndimage  # pylint: disable=import-outside-toplevel
+    import scipy.ndimage
     h, w = image.shape[:2]
     if (h, w) == (height, width):
         return image
@@ -598,7 +598,7 @@ def host_batches(split: StreamingSplit, batch_size: int, *, seed: int, epoch: in
 
 def _import_grain():
     try:
-        import grain  # pylint: disable=import-outside-toplevel
+        import grain
         return grain if hasattr(grain, "MapDataset") else None
     except ImportError:
         return None

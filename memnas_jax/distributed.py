@@ -1,4 +1,4 @@
-"""Joining a multi-process (multi-host) JAX job (DESIGN.md sections 8-9).
+"""Joining a multi-process (multi-host) JAX job (docs/method.md §8-9).
 
 Every process of a job runs the same deterministic search: the same candidates, the same seeds,
 the same global batches. Each process drives its own local devices; jit over a mesh of all the
@@ -144,7 +144,7 @@ def sync_processes(name: str) -> None:
     process has died, so the survivors stop instead of going on alone: a candidate whose
     collectives failed because a peer is gone must not be recorded as a failed candidate."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -153,7 +153,7 @@ def same_on_all_processes(tree: Any) -> Any:
     process)."""
     if jax.process_count() == 1:
         return tree
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils
     return multihost_utils.broadcast_one_to_all(tree)
 
 

@@ -122,7 +122,7 @@ def download(url: str, path: pathlib.Path, sha256: str, *, timeout: float = 10.0
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
-            from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+            from tqdm.auto import tqdm
             with tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
                       desc=f"downloading {path.name}") as bar:
                 while chunk := response.read(CHUNK):

@@ -1,4 +1,4 @@
-"""The MemNAS cell encoding: five binary vectors per cell (DESIGN.md section 3).
+"""The MemNAS cell encoding: five binary vectors per cell (docs/method.md §3).
 
 This module needs numpy only (no jax, no flax), so any research code can import it.
 

@@ -1,4 +1,4 @@
-"""Grow-trim candidate generation (DESIGN.md sections 1 and 4; the authors' `Network.gen_big`,
+"""Grow-trim candidate generation (docs/method.md §1, §4; the authors' `Network.gen_big`,
 `remove` and `remove_fin`).
 
 numpy-free and jax-free: it only rewrites `memnas_jax.encoding` architectures.

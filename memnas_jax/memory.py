@@ -1,4 +1,4 @@
-"""Memory of an inference network: parameters plus peak live activations (DESIGN.md section 5).
+"""Memory of an inference network: parameters plus peak live activations (docs/method.md §5).
 
 Three estimators share one liveness engine (`schedule`):
 
@@ -12,7 +12,7 @@ Three estimators share one liveness engine (`schedule`):
   (C = 32, block 1 only for the working memory, their quirks included), to reproduce the
   paper's curves.
 
-Liveness (memnas_method.md section 5.2). Tensors are scheduled as soon as possible: inputs at
+Liveness (docs/method.md §5). Tensors are scheduled as soon as possible: inputs at
 step 1, every other tensor one step after its latest input. A tensor is released after its last
 consumer; an output of the graph is kept to the end. Two ways to count step t:
 

@@ -1,4 +1,4 @@
-"""The MemNAS network: an `Architecture` (cells per block) on a `Skeleton` (DESIGN.md section 2).
+"""The MemNAS network: an `Architecture` (cells per block) on a `Skeleton` (docs/method.md §2).
 
     image -> [stem] -> block 1 -> ... -> block B -> head -> logits
 
@@ -236,10 +236,9 @@ def init_network(rng: jax.Array, arch: Iterable[Iterable[Cell]], skeleton: Skele
                  batch_size: int = 1, **module_kwargs: Any) -> tuple[MemNASNetwork, dict]:
     """Builds the module and initialises its variables ({"params", "batch_stats"}).
 
-    The init runs eagerly on purpose: a jitted init compiles one program per architecture
-    (~25 s for a 3-cell round-2 network on 2 loaded cores, about as long as its training step),
-    while eager init compiles each (initialiser, shape) once and reuses it for every later
-    candidate with the same widths (17 s, then 2.6 s and 0.8 s for the next two)."""
+    The init runs eagerly on purpose: a jitted init compiles one program per architecture, while
+    eager init compiles each (initialiser, shape) once and reuses it for every later candidate
+    with the same widths (figures: benchmarks/README.md)."""
     module = MemNASNetwork(check_architecture(arch, skeleton), skeleton, **module_kwargs)
     x = jnp.zeros(input_shape(skeleton, batch_size), module.dtype)
     return module, module.init(rng, x, train=False)

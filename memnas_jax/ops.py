@@ -1,4 +1,4 @@
-"""The seven candidate ops and the removed op as Flax linen modules (DESIGN.md section 2).
+"""The seven candidate ops and the removed op as Flax linen modules (docs/method.md §2).
 
 Every op maps its input (any channel count) to the block width C_b; all its conv layers are
 followed by BatchNorm, as in the authors' generated PyTorch networks (reference/golden README,
@@ -19,8 +19,8 @@ hundreds of candidates without tracing anything (`op_param_count`).
 The depthwise conv has two implementations behind `depthwise_impl`: "xla" (a grouped
 `lax.conv_general_dilated`, exactly what `nn.Conv(feature_group_count=C)` runs) and "shifted"
 (k*k shifted multiply-adds with a hand-written backward of shifted multiply-adds). XLA:CPU lowers
-the weight gradient of a grouped conv to a dense conv, ~96x the needed work (DESIGN.md section
-11); "shifted" avoids that on CPU. Both own the same parameters, so checkpoints move freely.
+the weight gradient of a grouped conv to a dense conv, ~96x the needed work (docs/method.md
+§11); "shifted" avoids that on CPU. Both own the same parameters, so checkpoints move freely.
 """
 
 from __future__ import annotations

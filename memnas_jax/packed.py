@@ -301,7 +301,7 @@ def train_packed(archs: Sequence[Iterable[Iterable[Cell]]], config: ml_collectio
     try:
         return _train(archs, config, data, rngs, skeleton, template, programs, selection,
                       initial_variables, start)
-    except Exception as e:  # noqa: BLE001  # a pack's failure must never kill a search
+    except Exception as e:  # a pack's failure must never kill a search
         logging.warning("pack failed: %s", traceback.format_exc())
         return [train_lib.failed_result(e, start) for _ in archs]
 
@@ -458,7 +458,7 @@ def device_memory_bytes() -> int | None:
     """Memory of the first device (None where JAX does not report it, e.g. on a CPU)."""
     try:
         stats = jax.devices()[0].memory_stats() or {}
-    except Exception:  # noqa: BLE001  # backends without memory statistics
+    except Exception:  # backends without memory statistics
         return None
     return stats.get("bytes_limit")
 
@@ -469,7 +469,7 @@ def program_bytes(programs: PackedPrograms) -> int | None:
         m = programs.train_step.memory_analysis()
         return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                    - m.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001  # no analysis on this backend
+    except Exception:  # no analysis on this backend
         return None
 
 

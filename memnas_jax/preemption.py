@@ -60,18 +60,18 @@ def _deadline(grace_seconds: float) -> None:
     logging.warning("not stopped within the %g s grace period: exiting now (the state on disk "
                     "is whole; the candidate in flight will train again)", grace_seconds)
     logging.flush()
-    os._exit(EXIT_PREEMPTED)  # pylint: disable=protected-access
+    os._exit(EXIT_PREEMPTED)
 
 
 def install(grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
     """Handles SIGTERM and SIGINT in this (main) thread's process as described above."""
-    def handler(signum, frame):  # pylint: disable=unused-argument
+    def handler(signum, frame):
         name = signal.Signals(signum).name
         if _requested.is_set():
             if signum == signal.SIGINT:
                 logging.warning("second %s: exiting at once", name)
                 logging.flush()
-                os._exit(128 + signum)  # pylint: disable=protected-access
+                os._exit(128 + signum)
             return
         request(f"{name} received", grace_seconds)
     signal.signal(signal.SIGTERM, handler)

@@ -182,7 +182,7 @@ def leaderboard_markdown(state: dict, rows: int = 20) -> str:
     if best is None:
         lines.append("None yet.")
     else:
-        from memnas_jax.encoding import from_json  # pylint: disable=import-outside-toplevel
+        from memnas_jax.encoding import from_json
         lines += [f"Round {best['round']} winner `{best['hash'][:12]}` ({best['description']}): "
                   f"accuracy {_pct(best['accuracy'])} %, total memory {_mb(best['total_bytes'])} "
                   f"MB (parameters {_mb(best['param_bytes'])} MB, {best['param_count']:,} "
@@ -242,9 +242,9 @@ def _unique_by_hash(records: Sequence[dict]) -> list[dict]:
 
 
 def pyplot():
-    import matplotlib  # pylint: disable=import-outside-toplevel
+    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    import matplotlib.pyplot as plt
     return plt
 
 
@@ -359,7 +359,7 @@ def write_tensorboard(state: dict, logdir: str | os.PathLike) -> bool:
     """Rewrites `logdir` with `tensorboard_scalars(state)`; False (and a warning) when
     tensorboardX is not installed."""
     try:
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        from tensorboardX import SummaryWriter
     except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard logs "
                         "(pip install tensorboardX)")
@@ -388,7 +388,7 @@ def write_tables(state: dict, workdir: str | os.PathLike, leaderboard_rows: int 
     best = best_record(state)
     atomic_write(workdir / BEST_FILE, _json(best) + "\n")
     if best["best"] is not None:
-        from memnas_jax.encoding import from_json  # pylint: disable=import-outside-toplevel
+        from memnas_jax.encoding import from_json
         atomic_write(workdir / BEST_ARCHITECTURE_FILE,
                      from_json(best["best"]["architecture"]).to_json(indent=1) + "\n")
     atomic_write(workdir / LEADERBOARD_FILE, leaderboard_markdown(state, leaderboard_rows))
@@ -410,7 +410,7 @@ def write_all(state: dict, workdir: str | os.PathLike, *, plots: bool = True,
     for render, path in views:
         try:
             render(state, path)
-        except Exception as e:  # pylint: disable=broad-except  # a view never stops a search
+        except Exception as e:  # a view never stops a search
             logging.warning("could not write %s (%s: %s); skipped, the search goes on", path,
                             type(e).__name__, e)
 

@@ -1,4 +1,4 @@
-"""The memory-efficient reward and the memory budget (DESIGN.md section 6).
+"""The memory-efficient reward and the memory budget (docs/method.md §6).
 
 numpy-only. For a round's base network b and a candidate c:
 

@@ -1,4 +1,4 @@
-"""Device meshes and shardings for data-parallel training (DESIGN.md section 8).
+"""Device meshes and shardings for data-parallel training (docs/method.md §8).
 
 All mesh and sharding code of the project lives here. Training is plain data parallelism with
 `jax.jit` + `NamedSharding`: parameters, optimizer state and the device-resident dataset are
@@ -6,7 +6,8 @@ replicated, each batch is split along its leading axis over the mesh axis "data"
 inserts the collectives itself, so BatchNorm statistics and gradients are computed over the global
 batch without any hand-written `pmean`.
 
-Multi-host (TPU pods, multi-node GPU): call `initialize_distributed()` first in every process;
+Multi-host (TPU pods, multi-node GPU): call `memnas_jax.distributed.initialize()` first in every
+process;
 the mesh then spans all global devices and `host_batch_to_global` assembles the per-host batches.
 """
 
@@ -32,8 +33,8 @@ CPU_COLLECTIVE_TIMEOUT_SECONDS = 3600
 
 
 def set_host_device_count(count: int) -> bool:
-    """Asks XLA for `count` CPU devices (a 2-core host trains ~1.6x faster with 2 devices and the
-    batch sharded, jax_stack.md section 5), with a long collective timeout. Effective only
+    """Asks XLA for `count` CPU devices (a 2-core host trains faster with 2 devices and the batch
+    sharded: benchmarks/README.md), with a long collective timeout. Effective only
     before JAX initialises its backends (importing jax is fine; the first `jax.devices()` is
     not); returns False, changing nothing, when it is too late or XLA_FLAGS already names a
     count."""
@@ -58,9 +59,8 @@ _YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 def disable_cpu_ynn_fusions() -> bool:
     """Turns off XLA:CPU's experimental YNNPACK fusions (`--xla_cpu_experimental_ynn_fusion_type=`
-    in XLA_FLAGS). With them, jaxlib 0.10's CPU convolutions run ~6x slower on the 2-core EPYC of
-    this project's machines (a 3x3 conv, batch 128, 32 channels, forward + backward: 1,077 ms
-    against 161 ms; `benchmarks/train_throughput.py --ynn_fusions=on,off`). Like
+    in XLA_FLAGS): with them jaxlib 0.10's CPU convolutions run several times slower on this
+    project's machines (benchmarks/README.md). Like
     `set_host_device_count`, effective only before JAX starts its backends; returns False,
     changing nothing, when it is too late, XLA_FLAGS already sets the flag, or this jaxlib does
     not know it (XLA aborts on unknown flags)."""
@@ -74,9 +74,9 @@ def disable_cpu_ynn_fusions() -> bool:
 
 def _xla_knows_flag(name: str) -> bool:
     """Whether the installed jaxlib defines the XLA flag `name` (its libraries hold the name)."""
-    import mmap  # pylint: disable=import-outside-toplevel
+    import mmap
 
-    import jaxlib  # pylint: disable=import-outside-toplevel
+    import jaxlib
     needle = name.encode()
     for path in sorted(pathlib.Path(jaxlib.__file__).parent.glob("*.so"),
                        key=lambda f: -f.stat().st_size):  # the big library holds XLA
@@ -98,17 +98,9 @@ def host_device_count_flag() -> int | None:
 def _backends_initialized() -> bool:
     try:
         from jax._src import xla_bridge
-        return bool(xla_bridge._backends)  # pylint: disable=protected-access
+        return bool(xla_bridge._backends)
     except (ImportError, AttributeError):  # private API moved: assume the worst
         return True
-
-
-def initialize_distributed() -> None:
-    """`jax.distributed.initialize()` when launched as one process of several (cluster env vars
-    set by SLURM, Cloud TPU, or JAX_/MEMNAS_COORDINATOR_ADDRESS); a no-op for a single process.
-    See `memnas_jax.distributed` for explicit addresses."""
-    from memnas_jax import distributed  # pylint: disable=import-outside-toplevel
-    distributed.initialize()
 
 
 _device_group = threading.local()
@@ -208,7 +200,7 @@ __all__ = [
     "CPU_COLLECTIVE_TIMEOUT_SECONDS", "DATA_AXIS", "available_devices", "batch_sharded",
     "check_batch_size", "constrain_batch",
     "device_group", "disable_cpu_ynn_fusions", "host_batch_to_global",
-    "host_device_count_flag", "initialize_distributed", "make_data_mesh", "mesh_size",
+    "host_device_count_flag", "make_data_mesh", "mesh_size",
     "process_batch_rows",
     "replicate", "replicated", "set_host_device_count", "shard_batch",
 ]

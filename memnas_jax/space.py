@@ -1,4 +1,4 @@
-"""The search space: the op table and the network skeletons (DESIGN.md section 2).
+"""The search space: the op table and the network skeletons (docs/method.md §2).
 
 numpy-free and jax-free: a `Skeleton` is a frozen dataclass that configs build and every other
 module (network, memory, grow-trim) reads.
@@ -27,7 +27,7 @@ assert tuple(name for _, name, _ in OP_TABLE) == OP_NAMES and len(OP_TABLE) == N
 
 # How a removed (trimmed) op is realised:
 #   "identity": identity when the input already has the branch's shape, else a 1x1 conv with the
-#               right stride (DESIGN.md; Fig. 1(c) draws a wire);
+#               right stride (docs/method.md §2; Fig. 1(c) draws a wire);
 #   "conv1x1":  always a bare 1x1 conv with bias, as the authors' generated networks, but with
 #               the right stride (their missing stride broke stride-2 blocks).
 REMOVED_OP_STYLES = ("identity", "conv1x1")

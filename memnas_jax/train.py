@@ -1,4 +1,4 @@
-"""Training one candidate network (DESIGN.md section 8): `train_candidate(arch, config, data, rng)`.
+"""Training one candidate network (docs/method.md §8): `train_candidate(arch, config, data, rng)`.
 
 * One jitted train step, data parallel with `jit` + `NamedSharding` over a 1-D device mesh
   (`memnas_jax.sharding`): parameters replicated, the global batch split over the devices, so
@@ -38,7 +38,7 @@ import optax
 from absl import logging
 
 from memnas_jax import data as data_lib
-from memnas_jax import preemption, sharding
+from memnas_jax import ops, preemption, sharding
 from memnas_jax.encoding import Cell
 from memnas_jax.space import Skeleton, cifar_skeleton, imagenet_skeleton
 
@@ -46,7 +46,7 @@ STATUSES = ("ok", "diverged", "failed")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DEPTHWISE_IMPLS = ("auto", "xla", "shifted")
+DEPTHWISE_IMPLS = ("auto", *ops.DEPTHWISE_IMPLS)  # "auto": resolve_depthwise_impl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ DEPTHWISE_IMPLS = ("auto", "xla", "shifted")
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The authors' search-time protocol (memnas_method.md 6.1): SGD lr 0.01 momentum 0.9, batch
+    """The authors' search-time protocol (docs/method.md §8): SGD lr 0.01 momentum 0.9, batch
     64, 150 epochs with steps at 60 and 100, width 64, crop + flip; selection on a 5,000-image
     validation split held out of the training set (the authors chose on the test set)."""
     c = ml_collections.ConfigDict()
@@ -198,7 +198,7 @@ def configure_compilation_cache(path: str) -> None:
     # Candidates compile in 1-50 s and are all worth keeping (JAX's default threshold is 1 s).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     try:  # JAX reads the directory once per process; make a changed directory take effect
-        from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+        from jax._src import compilation_cache
         compilation_cache.reset_cache()
     except (ImportError, AttributeError):
         logging.warning("could not reset JAX's compilation cache: %s may not be used", path)
@@ -456,7 +456,7 @@ def _setup(arch, config, data: data_lib.Dataset, skeleton, model) -> _Setup:
         raise ValueError(f"batch size {config.batch_size} exceeds the {len(data.train)} "
                          "training examples")
     if model is None:
-        from memnas_jax.network import MemNASNetwork  # pylint: disable=import-outside-toplevel
+        from memnas_jax.network import MemNASNetwork
         skeleton = skeleton or skeleton_from_config(config, data)
         model = MemNASNetwork(arch, skeleton, depthwise_impl=resolve_depthwise_impl(
             config.depthwise_impl), dtype=DTYPES[config.dtype])
@@ -553,13 +553,13 @@ def compile_candidate(arch: Iterable[Iterable[Cell]] | None, config: ml_collecti
 
 
 def _checkpoint_manager(directory: str, keep: int):
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    import orbax.checkpoint as ocp
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def _save_checkpoint(manager, state: TrainState, history: list[dict]) -> None:
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    import orbax.checkpoint as ocp
     epoch = int(jax.device_get(state.epoch))
     if epoch in manager.all_steps():  # a rerun of a finished run; orbax refuses to overwrite
         return
@@ -578,7 +578,7 @@ def _state_dict(state: TrainState) -> dict:
 def _restore_latest(manager, template: TrainState) -> tuple[TrainState | None, list, str]:
     """The newest readable checkpoint (state, history, message). Unreadable ones are reported in
     the message and deleted, so the rerun can save that epoch again."""
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    import orbax.checkpoint as ocp
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(template))
     notes = []
     for step in sorted(manager.all_steps(), reverse=True):
@@ -590,7 +590,7 @@ def _restore_latest(manager, template: TrainState) -> tuple[TrainState | None, l
             if int(jax.device_get(state.epoch)) != step or len(history) != step:
                 raise ValueError(f"holds epoch {int(state.epoch)} and {len(history)} history "
                                  "entries")
-        except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many
+        except Exception as e:  # orbax/tensorstore raise many
             notes.append(f"checkpoint at epoch {step} is unreadable "
                          f"({type(e).__name__}: {_first_line(e)}); deleted it")
             logging.warning("%s", notes[-1])
@@ -608,7 +608,7 @@ def _save_snapshot(directory: str, state: TrainState, metrics: dict, history: li
                    ) -> None:
     """The state in the middle of an epoch, with the epoch's running metrics: what a run stopped
     on request (`memnas_jax.preemption`) resumes from, step for step."""
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    import orbax.checkpoint as ocp
     manager = _checkpoint_manager(directory, 1)
     try:
         step = int(jax.device_get(state.step))
@@ -625,7 +625,7 @@ def _save_snapshot(directory: str, state: TrainState, metrics: dict, history: li
 def _restore_snapshot(directory: str, template: TrainState, mesh
                       ) -> tuple[TrainState, dict, list] | None:
     """The mid-epoch snapshot, if there is a readable one (an unreadable one is deleted)."""
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    import orbax.checkpoint as ocp
     if not os.path.isdir(directory):
         return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(template))
@@ -638,7 +638,7 @@ def _restore_snapshot(directory: str, template: TrainState, mesh
                 restored = manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract),
                     running=ocp.args.StandardRestore(metrics), history=ocp.args.JsonRestore()))
-            except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many
+            except Exception as e:  # orbax/tensorstore raise many
                 logging.warning("the mid-epoch snapshot at step %d is unreadable (%s); using the "
                                 "epoch checkpoints", step, _first_line(e))
                 manager.delete(step)
@@ -718,7 +718,7 @@ def train_candidate(arch: Iterable[Iterable[Cell]] | None, config: ml_collection
     configure_compilation_cache(config.compilation_cache_dir)
     try:
         return _train(arch, config, data, rng, skeleton, model, programs, start)
-    except Exception as e:  # pylint: disable=broad-except  # a candidate must never kill a search
+    except Exception as e:  # a candidate must never kill a search
         logging.warning("candidate failed: %s", traceback.format_exc())
         return failed_result(e, start)
 
@@ -808,7 +808,7 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
                     if snapshot_dir:
                         try:
                             _save_snapshot(snapshot_dir, state, metrics, history)
-                        except Exception as e:  # pylint: disable=broad-except  # still stop
+                        except Exception as e:  # still stop
                             logging.warning("could not save the mid-epoch snapshot (%s); the "
                                             "candidate resumes from its last epoch checkpoint",
                                             _first_line(e))
@@ -874,7 +874,7 @@ def _flops_per_image(compiled, mesh, batch_size: int) -> float | None:
     try:
         analysis = compiled.cost_analysis()
         flops = (analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"]
-    except Exception:  # pylint: disable=broad-except  # no analysis on this backend
+    except Exception:  # no analysis on this backend
         return None
     return float(flops) * sharding.mesh_size(mesh) / batch_size
 

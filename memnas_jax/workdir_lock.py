@@ -40,7 +40,7 @@ class WorkdirLock:
         self._file = None
 
     def acquire(self) -> None:
-        f = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+        f = open(self.path, "a+", encoding="utf-8")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

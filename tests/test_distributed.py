@@ -129,6 +129,7 @@ print(json.dumps(dict(joined=joined, processes=jax.process_count(), devices=jax.
 '''
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("feed", ["resident", "streamed"])
 def test_two_processes_train_a_candidate_like_one_process_with_four_devices(tmp_path, feed):
     """resident: the CIFAR path (data on every device); streamed: the host pipeline."""
@@ -181,13 +182,13 @@ runpy.run_path("experiments/cifar10_search.py", run_name="__main__")
 
 
 def _records(workdir: pathlib.Path) -> list[dict]:
-    from memnas_jax import reports  # pylint: disable=import-outside-toplevel
+    from memnas_jax import reports
     return [{k: r[k] for k in ("hash", "status", "accuracy", "epochs_done")}
             for r in reports.read_candidates(workdir)]
 
 
 def _done(workdir: pathlib.Path) -> int:
-    from memnas_jax import search  # pylint: disable=import-outside-toplevel
+    from memnas_jax import search
     try:
         state = search.load_state(workdir)
     except search.StateError:
@@ -197,6 +198,7 @@ def _done(workdir: pathlib.Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_killed_two_process_search_resumes_to_the_single_process_result(tmp_path):
     reference = json.loads(_finish(_launch(SEARCH_SCRIPT, 1, 4, str(tmp_path / "one")))[0]
                            .strip().splitlines()[-1])
@@ -231,7 +233,7 @@ def test_killed_two_process_search_resumes_to_the_single_process_result(tmp_path
     for r, e in zip(records, expected):
         assert (r["status"], r["epochs_done"]) == (e["status"], e["epochs_done"]) == ("ok", 2)
         assert r["accuracy"] == pytest.approx(e["accuracy"], abs=1 / 64 + 1e-9)
-    from memnas_jax import controller, search  # pylint: disable=import-outside-toplevel
+    from memnas_jax import controller, search
     state = search.load_state(workdir)
     assert [r["mode"] for r in state["rounds"]][-1] == "controller"
     assert (workdir / state["controller"]["path"] / controller.PARAMS_FILE).exists()

@@ -14,7 +14,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from memnas_jax import reports, search
+from memnas_jax import data as data_lib
+from memnas_jax import reports, search, train
 from memnas_jax.encoding import from_json
 from memnas_jax.memory import memory_report
 from memnas_jax.reward import RewardConfig, memory_efficient_reward
@@ -112,8 +113,8 @@ def _reward_of(record, reference, config):
 def _check_records(records, state, config, image_size):
     """Every record against what it claims: its hash, memory_report's figures on the preset's
     skeleton, an accuracy that is a whole number of the 64 validation images, its reward."""
-    skeleton = search.train_lib.skeleton_from_config(
-        config, search.data_lib.synthetic_dataset(image_shape=(image_size, image_size, 3),
+    skeleton = train.skeleton_from_config(
+        config, data_lib.synthetic_dataset(image_shape=(image_size, image_size, 3),
                                                   num_classes=4))
     for r in records:
         arch = from_json(r["architecture"])

@@ -33,7 +33,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def lifetime_figure_block() -> list[TensorNode]:
     """The block of the paper's Fig. 1(b) at the r-granularity of its lifetime figure
-    (memnas_method.md 5.2), every tensor of size 1.
+    (docs/method.md §5), every tensor of size 1.
 
     r1 = block input; C1: r2 = Dep3x3(r1), r3 = Fac1x7(r1), r4 = r2 + r3; C2: r5 = Dep5x5(r1),
     r6 = Avg(r4), r7 = cat(r6, r5); C3: r8 = Max(r4), r9 = Max(r7), r10 = r8 + r9; r11 = block

@@ -24,8 +24,8 @@ def _run(script, *argv, env):
 
 
 def test_baselines_have_the_published_parameter_counts():
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import jax
+    import jax.numpy as jnp
     counts = {}
     for name in baselines.BASELINES:
         model = baselines.baseline_model(name)
@@ -85,6 +85,6 @@ def test_search_final_training_baseline_and_comparison(data_dir, tmp_path):
     for row in rows[:2]:
         assert f"| {row.name} | {row.kind} | {100 * row.accuracy:.2f} % | test, 1 epochs |" in table
     assert "As published" in table and "| ResNet-56 | 6.7 | 3.4 | 93.0 % |" in table
-    import matplotlib.image  # pylint: disable=import-outside-toplevel
+    import matplotlib.image
     image = matplotlib.image.imread(out / "results.png")
     assert image.ndim == 3 and image.shape[0] > 400

@@ -20,6 +20,7 @@ import pytest
 from memnas_jax import controller as controller_lib
 from memnas_jax import reports, search
 from memnas_jax.encoding import from_json
+from memnas_jax.errors import ConfigError
 from memnas_jax.grow_trim import generate_candidates, initial_candidates
 from memnas_jax.memory import memory_report
 from memnas_jax.reward import RewardConfig, memory_efficient_reward
@@ -325,8 +326,8 @@ def test_out_of_memory_streak_stops_with_advice_and_a_rerun_retrains_those(tmp_p
 
 
 def test_out_of_memory_errors_are_classified(monkeypatch):
-    from memnas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-    from memnas_jax import train  # pylint: disable=import-outside-toplevel
+    from memnas_jax import data as data_lib
+    from memnas_jax import train
 
     def exhausted(*args):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB")
@@ -478,7 +479,7 @@ def test_packing_choices_and_their_errors(tmp_path):
     # "auto" on a CPU trains standalone (README, "Packed training"); recorded in the round.
     assert _state(tmp_path / "auto")["rounds"][0]["packing"] is None
     config.parallel.packing = "packed"
-    with pytest.raises(search.ConfigError, match="trains one candidate at a time"):
+    with pytest.raises(ConfigError, match="trains one candidate at a time"):
         search.run_search(config, tmp_path / "plain", train_fn=ScriptedTrainer())
     for field, value, message in (
             ("packing", "sometimes", "parallel.packing = 'sometimes' is not one of"),

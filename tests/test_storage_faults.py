@@ -12,7 +12,7 @@ from test_search import ScriptedTrainer, _config, _without_timing  # tests/ is o
 from memnas_jax import io as io_lib
 from memnas_jax import reports, search
 
-_real_write = io_lib._write  # pylint: disable=protected-access
+_real_write = io_lib._write
 
 
 def _failing_write(name: str, after: int, error: int):

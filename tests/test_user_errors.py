@@ -64,7 +64,7 @@ def test_train_final_bad_architecture_file(tmp_path):
 
 def test_auto_preset_is_smoke_on_a_cpu(monkeypatch):
     sys.path.insert(0, str(REPO_ROOT / "experiments"))
-    from configs import cifar10  # pylint: disable=import-outside-toplevel
+    from configs import cifar10
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     assert cifar10.auto_preset()[0] == "smoke"  # this machine has no GPU or TPU
     assert cifar10.get_config().skeleton.width == cifar10.get_config("smoke").skeleton.width

@@ -5,7 +5,7 @@ Presets (override any field on the command line, e.g. `--config.reward.lam=0.8`)
 * auto (the default): smoke on a CPU-only machine, gpu where JAX has a GPU or TPU, so that a bare
   `python experiments/cifar10_search.py --workdir=DIR` runs a search one can watch finish.
 
-* paper: the authors' settings as far as known (memnas_method.md 2, 6.1): width 64 during the
+* paper: the authors' settings as far as known (docs/method.md §1, §8): width 64 during the
   search, candidates trained 150 epochs at batch 64 (SGD lr 0.01, momentum 0.9, x0.1 at epochs 60
   and 100), lambda 0.5, rounds 0 and 1 fully trained (98 and ~200 candidates), then the controller's
   top 100 per round, 13 rounds, at most 14 cells per block; each round's best candidate is the

@@ -1,7 +1,7 @@
 """MemNAS search on ImageNet: `--config=experiments/configs/imagenet.py:<preset>`.
 
-The paper's ImageNet search space and training recipe were not published (memnas_method.md 1.6,
-6.3); these presets are our choices. The skeleton is `space.imagenet_skeleton` (a stride-2 stem
+The paper's ImageNet search space and training recipe were not published (docs/method.md
+§2); these presets are our choices. The skeleton is `space.imagenet_skeleton` (a stride-2 stem
 for images >= 128 px, 5 blocks with strides 2,2,2,2,1 and widths w,2w,4w,8w,8w, global average
 pooling), and a grown cell goes into one block at a time (the README restricts "the same cell in
 all five blocks" to CIFAR-10).

@@ -1,4 +1,4 @@
-"""Final training of a searched architecture: the authors' recipe (memnas_method.md 6.2).
+"""Final training of a searched architecture: the authors' recipe (docs/method.md §8).
 
     python experiments/train_final.py --config=experiments/configs/train_final.py:paper \
         --arch=arch.json --workdir=/tmp/final

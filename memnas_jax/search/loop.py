@@ -1,0 +1,320 @@
+"""The round state machine: `run_search(config, workdir) -> SearchResult` and `run_experiment`
+(the package docstring describes a round and exact resume)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from memnas_jax import controller as controller_lib
+from memnas_jax import data as data_lib
+from memnas_jax import distributed, reports
+from memnas_jax import train as train_lib
+from memnas_jax.encoding import from_json
+from memnas_jax.errors import ConfigError
+from memnas_jax.io import atomic_write
+from memnas_jax.search.config import (
+    ConfigMismatchError,
+    check_config,
+    config_diff,
+    config_fingerprint,
+    controller_config,
+    time_budget_seconds,
+    to_plain,
+)
+from memnas_jax.search.policy import (
+    RESULT_FIELDS,
+    base_summary,
+    plan_round,
+    planned_candidates,
+    select_winner,
+    stop_reason,
+    winner_entry,
+)
+from memnas_jax.search.progress import duration_text, log_round
+from memnas_jax.search.state import CONFIG_FILE, SearchResult, load_state, save_state, search_result
+from memnas_jax.search.trainer import CandidateTrainer, TrainFn
+from memnas_jax.search.training import OOM_STOP, RoundTraining
+from memnas_jax.space import Skeleton
+from memnas_jax.workdir_lock import WorkdirLock, prepare_workdir
+
+CONTROLLER_DIR = "controller"
+
+
+@dataclasses.dataclass
+class _Search(RoundTraining):
+    """The mutable run of one search (kept private: `run_search` is the API)."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    state: dict
+    skeleton: Skeleton
+    train_fn: TrainFn
+    writer: bool
+    controller_state: controller_lib.ControllerState | None = None
+    controller_state_round: int | None = None
+    seconds_trained: list = dataclasses.field(default_factory=list)  # this process's candidates
+    run_start: float = dataclasses.field(default_factory=time.perf_counter)
+    elapsed_before: float = 0.0  # wall seconds of the earlier runs of this search
+
+    # ----- persistence
+    def save(self, plots: bool = False) -> None:
+        self.state["elapsed_seconds"] = self.elapsed_seconds()
+        if not self.writer:
+            return
+        save_state(self.state, self.workdir)
+        out = self.config.output
+        reports.write_all(self.state, self.workdir, plots=plots and out.plots,
+                          tensorboard=plots and out.tensorboard,
+                          leaderboard_rows=out.leaderboard_rows)
+
+    def latest_controller(self) -> controller_lib.ControllerState | None:
+        """The controller of the newest fit: in memory, else read from the work directory
+        (after a resume); an unreadable one is refitted from scratch, with a warning."""
+        info = self.state.get("controller")
+        if info is None:
+            return None
+        if self.controller_state_round != info["round"]:
+            try:
+                self.controller_state = controller_lib.restore(self.workdir / info["path"])
+                self.controller_state_round = info["round"]
+            except (OSError, ValueError) as e:
+                logging.warning("controller of round %d unreadable (%s): refitting it on the "
+                                "candidates so far, without its warm start", info["round"], e)
+                self.fit_controller(self.state["rounds"][info["round"]], warm_start=False)
+        return self.controller_state
+
+    # ----- one round
+    def log_plan(self) -> None:
+        """The whole run's plan and, once a few candidates have trained here, its duration."""
+        counts = planned_candidates(self.state, self.config)
+        trained = sum(e["status"] != "pending" for r in self.state["rounds"]
+                      for e in r["entries"])
+        remaining = max(sum(counts) - trained, 0)
+        text = (f"plan: up to {len(counts)} rounds, about {sum(counts)} candidates "
+                f"({', '.join(str(c) for c in counts)}) x {self.config.train.epochs} epochs; "
+                f"{remaining} to go")
+        if self.seconds_trained:
+            per = float(np.mean(self.seconds_trained))
+            text += (f"; at {per:.1f} s per candidate so far, about "
+                     f"{duration_text(per * remaining)} more (later rounds train larger networks: "
+                     "expect more; the round cap and the stopping rules may end it sooner)")
+        logging.info("%s", text)
+
+
+    def fit_controller(self, rnd: dict, warm_start: bool = True) -> None:
+        """Refits the controller on every successful candidate of the rounds up to `rnd`,
+        warm-started from the previous fit."""
+        target = self.config.search.controller_target
+        tokens, targets, groups = [], [], []
+        for r in self.state["rounds"][:rnd["round"] + 1]:
+            for e in r["entries"]:
+                if e["status"] == "ok" and e["reward"] is not None:
+                    tokens.append(from_json(e["architecture"]).to_tokens())
+                    targets.append(e["reward"] if target == "reward" else e["accuracy"])
+                    groups.append(r["round"] if target == "reward" else 0)
+        if len(tokens) < 2:
+            logging.warning("round %d: %d successful candidates so far, too few to fit the "
+                            "controller", rnd["round"], len(tokens))
+            return
+        start = time.perf_counter()
+        fitted = controller_lib.fit(
+            tokens, np.asarray(targets), np.asarray(groups),
+            init_state=self.latest_controller() if warm_start else None,
+            config=controller_config(self.config, rnd["round"], self.skeleton.num_blocks))
+        # Every process fits the same controller; process 0's copy is the one all use, so a
+        # last-bit difference between hosts (GPU atomics) cannot make them plan different rounds.
+        fitted = dataclasses.replace(fitted, params=distributed.same_on_all_processes(
+            fitted.params))
+        path = pathlib.Path(CONTROLLER_DIR) / f"round_{rnd['round']:03d}"
+        if self.writer:
+            controller_lib.save(fitted, self.workdir / path, overwrite=True)
+        holdout_tau = fitted.holdout_tau if math.isfinite(fitted.holdout_tau) else None
+        rnd["controller_holdout_tau"] = holdout_tau
+        rnd["controller_fit"] = dict(num_candidates=len(tokens), steps=fitted.steps,
+                                     seconds=time.perf_counter() - start)
+        self.state["controller"] = dict(round=rnd["round"], path=str(path))
+        self.controller_state, self.controller_state_round = fitted, rnd["round"]
+        logging.info("round %d: controller fitted on %d candidates in %.1f s (%d steps, "
+                     "held-out Kendall tau %s)", rnd["round"], len(tokens),
+                     time.perf_counter() - start, fitted.steps,
+                     "n/a" if holdout_tau is None else f"{holdout_tau:+.3f}")
+
+    def finish(self, reason: str) -> None:
+        self.state["status"] = "finished"
+        self.state["stop_reason"] = reason
+        logging.info("search finished: %s", reason)
+        self.save(plots=True)
+
+    def elapsed_seconds(self) -> float:
+        """Wall time spent on this search, all runs and resumes together."""
+        return self.elapsed_before + time.perf_counter() - self.run_start
+
+    def over_time_budget(self) -> bool:
+        """Whether `search.time_budget_minutes` is spent (process 0's clock decides for all)."""
+        budget = time_budget_seconds(self.config)
+        over = np.asarray(budget > 0 and self.elapsed_seconds() >= budget)
+        return bool(distributed.same_on_all_processes(over))
+
+    def run(self) -> None:
+        config = self.config
+        while self.state["status"] != "finished":
+            rounds = self.state["rounds"]
+            if rounds and rounds[-1]["phase"] == "done" and self.over_time_budget():
+                # Between rounds, the controller fitted: a larger budget resumes exactly here.
+                self.finish(f"{TIME_BUDGET_STOP} ({time_budget_seconds(config) / 60:g} minutes)"
+                            f" after round {rounds[-1]['round']}, "
+                            f"{self.elapsed_seconds() / 60:.1f} minutes in")
+                break
+            if not rounds or rounds[-1]["phase"] == "done":
+                r = len(rounds)
+                base = None
+                if rounds:
+                    base = base_summary(winner_entry(rounds[-1]), rounds[-1]["round"])
+                controller_state = (self.latest_controller()
+                                    if r >= config.search.full_train_rounds else None)
+                rnd = plan_round(r, base, config, self.skeleton, controller_state,
+                                 self.state["controller"]["round"] if controller_state else None)
+                rounds.append(rnd)
+                logging.info("round %d: %d candidates generated, %d over the memory budget, "
+                             "%d to train (%s)", r, rnd["num_generated"],
+                             rnd["num_over_budget"], len(rnd["entries"]), rnd["mode"])
+                self.save()
+            rnd = rounds[-1]
+            if rnd["phase"] == "training":
+                self.train_pending(rnd)
+                reason = self.out_of_memory_stop()
+                if reason:  # the round stays in training: a rerun with a smaller batch goes on
+                    self.finish(reason)
+                    break
+                select_winner(rnd, config)
+                rnd["phase"] = "selected"
+                log_round(rnd)
+                self.save()
+            reason = stop_reason(self.state, config)
+            # The controller is first fitted after the last fully trained round (nothing uses
+            # it before), then refitted after every round, warm-started.
+            if (reason is None and rnd["phase"] == "selected"
+                    and rnd["round"] + 1 >= config.search.full_train_rounds):
+                self.fit_controller(rnd)
+            rnd["phase"] = "done"
+            if reason is not None:
+                self.finish(reason)
+            else:
+                self.save(plots=True)
+
+
+TIME_BUDGET_STOP = "time budget reached"
+
+
+def _reopen_if_stopped_for_a_retry(state: dict, config: ml_collections.ConfigDict) -> None:
+    """A finished search that stopped for a reason a rerun can lift runs on: its time budget
+    (when the budget is now larger or off), or out-of-memory failures (their candidates of the
+    round in flight train again, with the rerun's settings)."""
+    reason, budget = str(state.get("stop_reason")), time_budget_seconds(config)
+    if reason.startswith(TIME_BUDGET_STOP):
+        if budget and budget <= state.get("elapsed_seconds", 0.0):
+            return
+        logging.info("the search stopped on its time budget; continuing it with %s",
+                     f"{budget / 60:g} minutes" if budget else "no budget")
+    elif OOM_STOP in reason:
+        retry = [e for e in state["rounds"][-1]["entries"]
+                 if e.get("failure") == "out_of_memory"]
+        for entry in retry:
+            entry.update(RESULT_FIELDS)
+        state["num_trained"] -= len(retry)
+        logging.info("the search stopped on out-of-memory failures: training its %d "
+                     "candidates again", len(retry))
+    else:
+        return
+    state["status"], state["stop_reason"] = "running", None
+
+
+def _summary(config: ml_collections.ConfigDict, skeleton: Skeleton) -> dict:
+    """The few settings the leaderboard states."""
+    return {"lambda": config.reward.lam,
+            "memory budget MB": config.memory.budget_mb or "none",
+            "widths": list(skeleton.widths), "rounds cap": config.search.max_rounds,
+            "cells cap": config.search.max_cells, "top-K": config.search.top_k,
+            "dataset": config.data.name, "epochs": config.train.epochs, "seed": config.seed}
+
+
+def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+               train_fn: TrainFn | None = None) -> SearchResult:
+    """Runs (or resumes) the MemNAS search of `config` in `workdir` and returns its answer.
+
+    train_fn(architecture, skeleton, key) -> `train.TrainResult` replaces candidate training
+    (default: `CandidateTrainer`, `train.train_candidate` with `config.train` on `config.data`).
+    A train_fn with a `compile(architecture, skeleton)` method, like `CandidateTrainer`, gets
+    its candidates compiled ahead (`config.parallel.compile_ahead`), the programs passed back
+    as `train_fn(..., programs=future)`.
+    Raises ConfigMismatchError when `workdir` holds a search made with another config (unless
+    `config.resume_with_changed_config`), StateError when its state files are unreadable,
+    WorkdirLockedError when another live process runs a search there (all `UserError`s).
+    """
+    try:
+        check_config(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    workdir = pathlib.Path(workdir).absolute()
+    writer = jax.process_index() == 0
+    if not writer:
+        return _run_search(config, workdir, writer, train_fn)
+    prepare_workdir(workdir)
+    with WorkdirLock(workdir, "search"):  # one owner: a second search here is refused
+        return _run_search(config, workdir, writer, train_fn)
+
+
+def _run_search(config: ml_collections.ConfigDict, workdir: pathlib.Path, writer: bool,
+                train_fn: TrainFn | None) -> SearchResult:
+    relevant, config_hash = config_fingerprint(config)
+    state = load_state(workdir) if workdir.exists() else None
+    if state is not None and state["config_hash"] != config_hash:
+        diff = config_diff(state["config"], relevant)
+        if not config.resume_with_changed_config:
+            raise ConfigMismatchError(
+                f"{workdir} holds a search made with a different config ({diff}). Use another "
+                "--workdir, or pass --allow_config_change (config.resume_with_changed_config "
+                "= True) to resume it with the new settings.")
+        logging.warning("resuming %s with a changed config: %s", workdir, diff)
+        state.setdefault("config_changes", []).append(diff)
+        state["config"], state["config_hash"] = relevant, config_hash
+    dataset = data_lib.load_dataset(config.data)
+    if not config.search.evaluate_test:
+        dataset = dataclasses.replace(dataset, test=None)
+    if config.search.accuracy_metric != "test_accuracy" and dataset.validation is None:
+        raise ConfigError(f"dataset {dataset.name!r} has no validation split to select "
+                         "candidates on: set config.data.validation_size > 0")
+    skeleton = train_lib.skeleton_from_config(config, dataset)
+    if state is None:
+        state = dict(config=relevant, config_hash=config_hash, status="running",
+                     stop_reason=None, rounds=[], controller=None, num_trained=0)
+        logging.info("new search in %s: %s; %s", workdir, dataset.describe(), skeleton)
+    else:
+        logging.info("resuming the search in %s at round %d (%d candidates trained)", workdir,
+                     len(state["rounds"]) - 1, state["num_trained"])
+    state["summary"] = _summary(config, skeleton)
+    if writer:
+        atomic_write(workdir / CONFIG_FILE,
+                     json.dumps(to_plain(config), indent=1, sort_keys=True) + "\n")
+    if state["status"] == "finished":
+        _reopen_if_stopped_for_a_retry(state, config)
+    search = _Search(config, workdir, state, skeleton,
+                     train_fn or CandidateTrainer(config, dataset, workdir), writer,
+                     elapsed_before=float(state.get("elapsed_seconds", 0.0)))
+    if state["status"] == "finished":
+        search.save(plots=True)  # regenerate the outputs, nothing to run
+    else:
+        search.run()
+    return search_result(state, workdir)
+
+
