@@ -9,152 +9,39 @@ ops reading node 0 use stride 2) and adds the two branches (width C_b) or concat
 cells are still built and run (later cells may read them), as in the authors' networks.
 
 The channel bookkeeping (`network_plan`) and the parameter counts (`param_count`) are pure
-Python, so the search can size hundreds of candidates before anything is traced.
+Python, in `memnas_jax.plan` (re-exported here).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memnas_jax.encoding import Architecture, Cell, EncodingError, validate
-from memnas_jax.ops import (
-    ConvBN,
-    OpSettings,
-    bn_param_count,
-    conv_param_count,
-    make_op,
+from memnas_jax.encoding import Architecture, Cell
+from memnas_jax.ops import ConvBN, OpSettings, make_op
+from memnas_jax.plan import (  # re-exported: the plan is what the modules build
+    BlockPlan,
+    BranchPlan,
+    block_input_channels,
+    block_output_channels,
+    branch_param_count,
+    cell_output_channels,
+    check_architecture,
+    head_input_features,
+    head_param_count,
+    network_plan,
     op_param_count,
+    param_count,
+    stem_param_count,
 )
 from memnas_jax.space import Skeleton
 
 Dtype = Any
-
-
-# ---------------------------------------------------------------------------------------------
-# Channel and shape bookkeeping (pure Python)
-
-
-class BranchPlan(NamedTuple):
-    """One branch (op slot) of a cell: which op reads which node, at which shapes."""
-
-    block: int  # 0-based
-    cell: int  # 0-based
-    branch: int  # 0 = op1 on input1, 1 = op2 on input2
-    op: int | None  # None = removed
-    input_node: int  # 0 = block input, j = cell j
-    in_channels: int
-    width: int  # the block width C_b: every op outputs it
-    stride: int
-    in_size: int  # spatial side of the input node
-    out_size: int
-
-
-class BlockPlan(NamedTuple):
-    in_channels: int
-    in_size: int
-    width: int
-    stride: int
-    out_size: int
-    node_channels: tuple[int, ...]  # node 0 = block input, node j = cell j output
-    out_channels: int  # channel concat of the linked cells
-    branches: tuple[BranchPlan, ...]  # cell-major: (cell 1 op1, cell 1 op2, cell 2 op1, ...)
-
-
-def check_architecture(arch: Iterable[Iterable[Cell]], skeleton: Skeleton) -> Architecture:
-    """Validates `arch` against `skeleton` (same number of blocks, at most skeleton.max_cells
-    cells per block); raises ValueError (`EncodingError`) saying what is wrong."""
-    if not isinstance(skeleton, Skeleton):
-        raise TypeError(f"expected a Skeleton, got {type(skeleton).__name__}")
-    blocks = tuple(arch)
-    if len(blocks) != skeleton.num_blocks:
-        raise EncodingError(f"the architecture has {len(blocks)} blocks but the skeleton has "
-                            f"{skeleton.num_blocks}")
-    return validate(blocks, max_cells=skeleton.max_cells)
-
-
-def cell_output_channels(cell: Cell, width: int) -> int:
-    return 2 * width if cell.concat else width
-
-
-def _linked_channels(block: Iterable[Cell], width: int) -> int:
-    return sum(cell_output_channels(c, width) for c in block if c.linked)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def network_plan(arch: Iterable[Iterable[Cell]], skeleton: Skeleton) -> tuple[BlockPlan, ...]:
-    """Channels, strides and spatial sizes of every block, node and branch."""
-    arch = check_architecture(arch, skeleton)
-    channels = skeleton.stem_width or skeleton.in_channels
-    size = _ceil_div(skeleton.image_size, skeleton.stem_stride)
-    plans = []
-    for b, (block, width, stride) in enumerate(zip(arch, skeleton.widths, skeleton.strides)):
-        out_size = _ceil_div(size, stride)
-        nodes, branches = [channels], []
-        for j, cell in enumerate(block):
-            for k, (node, op) in enumerate(((cell.input1, cell.op1), (cell.input2, cell.op2))):
-                s = stride if node == 0 else 1
-                branches.append(BranchPlan(b, j, k, op, node, nodes[node], width, s,
-                                           size if node == 0 else out_size, out_size))
-            nodes.append(cell_output_channels(cell, width))
-        out_channels = _linked_channels(block, width)
-        plans.append(BlockPlan(channels, size, width, stride, out_size, tuple(nodes),
-                               out_channels, tuple(branches)))
-        channels, size = out_channels, out_size
-    return tuple(plans)
-
-
-def block_input_channels(arch: Iterable[Iterable[Cell]], skeleton: Skeleton
-                         ) -> tuple[int, ...]:
-    return tuple(p.in_channels for p in network_plan(arch, skeleton))
-
-
-def block_output_channels(arch: Iterable[Iterable[Cell]], skeleton: Skeleton
-                          ) -> tuple[int, ...]:
-    return tuple(p.out_channels for p in network_plan(arch, skeleton))
-
-
-def head_input_features(out_channels: int, skeleton: Skeleton) -> int:
-    """Features entering the head's Dense layer for a last block with `out_channels`."""
-    if skeleton.head == "maxpool_dense":
-        return (skeleton.spatial_sizes()[-1] // skeleton.head_pool) ** 2 * out_channels
-    return out_channels
-
-
-# ---------------------------------------------------------------------------------------------
-# Closed-form parameter counts
-
-
-def stem_param_count(skeleton: Skeleton) -> int:
-    if not skeleton.stem_width:
-        return 0
-    return (conv_param_count(9, skeleton.in_channels, skeleton.stem_width, skeleton.conv_bias)
-            + bn_param_count(skeleton.stem_width))
-
-
-def head_param_count(out_channels: int, skeleton: Skeleton) -> int:
-    return (head_input_features(out_channels, skeleton) + 1) * skeleton.num_classes
-
-
-def branch_param_count(branch: BranchPlan, skeleton: Skeleton) -> int:
-    return op_param_count(branch.op, branch.in_channels, branch.width, branch.stride,
-                          conv_bias=skeleton.conv_bias, removed_op=skeleton.removed_op)
-
-
-def param_count(arch: Iterable[Iterable[Cell]], skeleton: Skeleton) -> int:
-    """Exact number of trainable parameters of `MemNASNetwork(arch, skeleton)` (BatchNorm
-    running statistics excluded), without tracing."""
-    plan = network_plan(arch, skeleton)
-    ops = sum(branch_param_count(br, skeleton) for block in plan for br in block.branches)
-    return stem_param_count(skeleton) + ops + head_param_count(plan[-1].out_channels, skeleton)
 
 
 def count_params(tree: Any) -> int:

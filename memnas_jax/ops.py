@@ -13,8 +13,8 @@ ceil(n / 2) and reads the same pixels as the authors' modules:
 | 4,5 | `SepConvOp` | kxk depthwise (stride s, pad k//2) -> BN -> 1x1 conv -> BN -> ReLU      |
 | -   | `RemovedOp` | identity, or a bare 1x1 conv with the right stride (skeleton.removed_op) |
 
-Each family also has the closed-form `param_count`, so the search can count parameters of
-hundreds of candidates without tracing anything (`op_param_count`).
+Their closed-form parameter counts are pure Python, in `memnas_jax.plan` (`op_param_count`,
+re-exported here), so the search counts parameters of hundreds of candidates without tracing.
 
 The depthwise conv has two implementations behind `depthwise_impl`: "xla" (a grouped
 `lax.conv_general_dilated`, exactly what `nn.Conv(feature_group_count=C)` runs) and "shifted"
@@ -32,10 +32,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from memnas_jax.encoding import NUM_OPS, OP_NAMES
+from memnas_jax.encoding import NUM_OPS
+from memnas_jax.plan import (  # re-exported: the counts of these modules
+    bn_param_count,
+    check_op,
+    conv_param_count,
+    op_param_count,
+    removed_op_needs_conv,
+)
 from memnas_jax.space import REMOVED_OP_STYLES, Skeleton
 
 DEPTHWISE_IMPLS = ("xla", "shifted")
@@ -71,15 +77,6 @@ class OpSettings:
 def same_padding(kernel: tuple[int, int], dilation: int = 1) -> tuple[tuple[int, int], ...]:
     """PyTorch-style symmetric padding d*(k-1)/2 per side (odd kernels)."""
     return tuple((dilation * (k - 1) // 2,) * 2 for k in kernel)
-
-
-def conv_param_count(kernel_area: int, in_channels: int, out_channels: int,
-                     conv_bias: bool) -> int:
-    return kernel_area * in_channels * out_channels + int(conv_bias) * out_channels
-
-
-def bn_param_count(channels: int) -> int:
-    return 2 * channels  # scale and bias; running statistics live in batch_stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +203,8 @@ def batch_norm(settings: OpSettings, train: bool, name: str) -> nn.BatchNorm:
 
 
 # ---------------------------------------------------------------------------------------------
-# The op families. Each has fields (width, stride, settings) plus its family parameters, a
-# __call__(x, train) and the closed-form param_count(in_channels, width, conv_bias, ...).
+# The op families. Each has fields (width, stride, settings) plus its family parameters and a
+# __call__(x, train); plan.op_param_count has their counts.
 
 
 class PoolOp(nn.Module):
@@ -230,9 +227,6 @@ class PoolOp(nn.Module):
             return nn.max_pool(x, window, strides, pad)
         raise ValueError(f"pool kind {self.kind!r} is not 'avg' or 'max'")
 
-    @staticmethod
-    def param_count(in_channels: int, width: int, conv_bias: bool, **_) -> int:
-        return conv_param_count(1, in_channels, width, conv_bias) + bn_param_count(width)
 
 
 class ConvOp(nn.Module):
@@ -249,11 +243,6 @@ class ConvOp(nn.Module):
         return ConvBN(self.width, (self.kernel_size,) * 2, self.stride, self.dilation,
                       settings=self.settings, name="conv_bn")(x, train)
 
-    @staticmethod
-    def param_count(in_channels: int, width: int, conv_bias: bool, kernel_size: int = 3,
-                    **_) -> int:
-        return (conv_param_count(kernel_size ** 2, in_channels, width, conv_bias)
-                + bn_param_count(width))
 
 
 class FacConvOp(nn.Module):
@@ -271,12 +260,6 @@ class FacConvOp(nn.Module):
         x = ConvBN(self.width, (1, k), settings=s, name="conv_1xk")(x, train)
         return ConvBN(self.width, (k, 1), settings=s, name="conv_kx1")(x, train)
 
-    @staticmethod
-    def param_count(in_channels: int, width: int, conv_bias: bool, kernel_size: int = 7,
-                    **_) -> int:
-        factor = conv_param_count(kernel_size, width, width, conv_bias) + bn_param_count(width)
-        return (conv_param_count(1, in_channels, width, conv_bias) + bn_param_count(width)
-                + 2 * factor)
 
 
 class SepConvOp(nn.Module):
@@ -296,13 +279,6 @@ class SepConvOp(nn.Module):
         x = batch_norm(s, train, "depthwise_bn")(x)
         return ConvBN(self.width, (1, 1), settings=s, name="pointwise")(x, train)
 
-    @staticmethod
-    def param_count(in_channels: int, width: int, conv_bias: bool, kernel_size: int = 3,
-                    **_) -> int:
-        depthwise = (kernel_size ** 2 * in_channels + int(conv_bias) * in_channels
-                     + bn_param_count(in_channels))
-        return depthwise + conv_param_count(1, in_channels, width, conv_bias) + bn_param_count(
-            width)
 
 
 class RemovedOp(nn.Module):
@@ -318,22 +294,14 @@ class RemovedOp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         del train
-        if not self.needs_conv(x.shape[-1], self.width, self.stride, self.settings.removed_op):
+        if not removed_op_needs_conv(x.shape[-1], self.width, self.stride,
+                                     self.settings.removed_op):
             return x
         s = self.settings
         return nn.Conv(self.width, (1, 1), strides=self.stride, padding=((0, 0), (0, 0)),
                        use_bias=s.conv_bias, dtype=s.dtype, name="conv")(x)
 
-    @staticmethod
-    def needs_conv(in_channels: int, width: int, stride: int, removed_op: str) -> bool:
-        return removed_op == "conv1x1" or in_channels != width or stride != 1
 
-    @staticmethod
-    def param_count(in_channels: int, width: int, conv_bias: bool, stride: int = 1,
-                    removed_op: str = "identity", **_) -> int:
-        if not RemovedOp.needs_conv(in_channels, width, stride, removed_op):
-            return 0
-        return conv_param_count(1, in_channels, width, conv_bias)
 
 
 # op index -> (family, family parameters), in the authors' index order (encoding.OP_NAMES).
@@ -349,33 +317,15 @@ OP_FAMILIES: tuple[tuple[type[nn.Module], dict], ...] = (
 assert len(OP_FAMILIES) == NUM_OPS
 
 
-def _check_op(op: int | None) -> None:
-    if op is not None and (isinstance(op, bool) or not isinstance(op, (int, np.integer))
-                           or not 0 <= op < NUM_OPS):
-        raise ValueError(f"op {op!r} is not an index in 0..{NUM_OPS - 1} ({OP_NAMES}) or None")
-
-
 def make_op(op: int | None, width: int, stride: int, settings: OpSettings,
             name: str | None = None, **module_kwargs: Any) -> nn.Module:
     """The module of op index `op` (None = removed) mapping any input to `width` channels
     (`module_kwargs`: e.g. parent=None for a module applied functionally)."""
-    _check_op(op)
+    check_op(op)
     if op is None:
         return RemovedOp(width, stride, settings, name=name, **module_kwargs)
     family, params = OP_FAMILIES[op]
     return family(width, stride, settings, name=name, **params, **module_kwargs)
-
-
-def op_param_count(op: int | None, in_channels: int, width: int, stride: int = 1, *,
-                   conv_bias: bool = True, removed_op: str = "identity") -> int:
-    """Closed-form parameter count of op `op` (None = removed) from `in_channels` to `width`
-    channels (BatchNorm scale and bias included, running statistics not)."""
-    _check_op(op)
-    if op is None:
-        return RemovedOp.param_count(in_channels, width, conv_bias, stride=stride,
-                                     removed_op=removed_op)
-    family, params = OP_FAMILIES[op]
-    return family.param_count(in_channels, width, conv_bias, **params)
 
 
 __all__ = [

@@ -13,7 +13,7 @@ output is C or 2C channels (add / concat) in a slot as wide as the round's wides
 is gathered into the linked cells' channels, in cell order, then zeros. So a candidate's
 parameters sit in the leading rows of the template's (`embed` / `extract`).
 
-Pure Python and numpy, like `memnas_jax.network_plan`.
+Pure Python and numpy, like `memnas_jax.plan`.
 """
 
 from __future__ import annotations
@@ -24,15 +24,19 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from memnas_jax.encoding import Architecture, Cell
-from memnas_jax.network import cell_output_channels, check_architecture, network_plan
-from memnas_jax.ops import RemovedOp
+from memnas_jax.plan import (
+    cell_output_channels,
+    check_architecture,
+    network_plan,
+    removed_op_needs_conv,
+)
 from memnas_jax.space import Skeleton
 
 
 @dataclasses.dataclass(frozen=True)
 class Alternative:
     """One way a branch slot runs: op index (None = removed), its stride, and for a removed op
-    whether it is the bare 1x1 conv (`RemovedOp.needs_conv`) or the identity."""
+    whether it is the bare 1x1 conv (`plan.removed_op_needs_conv`) or the identity."""
 
     op: int | None
     stride: int
@@ -102,7 +106,7 @@ def output_key(block: int) -> str:
 
 def _alternative(op: int | None, in_channels: int, width: int, stride: int,
                  skeleton: Skeleton) -> Alternative:
-    conv = op is None and RemovedOp.needs_conv(in_channels, width, stride, skeleton.removed_op)
+    conv = op is None and removed_op_needs_conv(in_channels, width, stride, skeleton.removed_op)
     return Alternative(op, stride, conv)
 
 
