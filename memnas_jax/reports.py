@@ -12,7 +12,7 @@ file:
 * `pareto.png`: accuracy vs total memory of every trained candidate, round winners marked and the
   Pareto front drawn; `trajectory.png`: the winner's accuracy and memory per round, as the paper's
   figures (matplotlib, Agg backend);
-* `tensorboard/`: the same numbers as TensorBoard scalars (tensorboardX; rewritten whole).
+* `tensorboard/`: the same numbers as TensorBoard scalars (tensorboardX; each point appended once).
 
 Memory figures are bytes in the records and decimal megabytes (1e6 bytes, as the paper's tables)
 in the tables and plots. Accuracies are fractions in the records and percent in tables and plots.
@@ -25,7 +25,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 from typing import Any, Iterable, Sequence
 
 from absl import logging
@@ -355,8 +354,13 @@ def tensorboard_scalars(state: dict) -> list[tuple[str, float, int]]:
     return scalars
 
 
+TENSORBOARD_WRITTEN_FILE = "written.json"  # in the TensorBoard folder: (tag, step) written
+
+
 def write_tensorboard(state: dict, logdir: str | os.PathLike) -> bool:
-    """Rewrites `logdir` with `tensorboard_scalars(state)`; False (and a warning) when
+    """Appends to `logdir` the scalars of `tensorboard_scalars(state)` not written before (a
+    ledger in `logdir` remembers the (tag, step) pairs written), so TensorBoard, which reads
+    every event file of the folder, sees each point once; False (and a warning) when
     tensorboardX is not installed."""
     try:
         from tensorboardX import SummaryWriter
@@ -365,14 +369,23 @@ def write_tensorboard(state: dict, logdir: str | os.PathLike) -> bool:
                         "(pip install tensorboardX)")
         return False
     logdir = pathlib.Path(logdir)
-    if logdir.exists():
-        shutil.rmtree(logdir)
+    ledger = logdir / TENSORBOARD_WRITTEN_FILE
+    try:
+        written = {tuple(x) for x in json.loads(ledger.read_text())}
+    except (OSError, ValueError):
+        written = set()
+    new = [(tag, value, step) for tag, value, step in tensorboard_scalars(state)
+           if (tag, step) not in written]
+    if not new:
+        return True
     writer = SummaryWriter(str(logdir))
     try:
-        for tag, value, step in tensorboard_scalars(state):
+        for tag, value, step in new:
             writer.add_scalar(tag, value, step)
     finally:
         writer.close()
+    written |= {(tag, step) for tag, _, step in new}
+    atomic_write(ledger, json.dumps(sorted(written)) + "\n")
     return True
 
 

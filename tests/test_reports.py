@@ -112,13 +112,14 @@ def test_leaderboard_markdown():
 def _events(logdir: pathlib.Path) -> list[tuple[str, float, int]]:
     """(tag, value, step) of every scalar in a TFRecord event file."""
     from tensorboardX.proto import event_pb2
-    (path,) = logdir.glob("events.out.tfevents.*")
-    data, out, offset = path.read_bytes(), [], 0
-    while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset:offset + 8])
-        event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-        offset += 16 + length
-        out += [(v.tag, v.simple_value, event.step) for v in event.summary.value]
+    out = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 16 + length
+            out += [(v.tag, v.simple_value, event.step) for v in event.summary.value]
     return out
 
 
@@ -142,9 +143,10 @@ def test_write_all(tmp_path):
     assert [(t, s) for t, _, s in events] == [(t, s) for t, _, s in expected]
     np.testing.assert_allclose([v for _, v, _ in events], [v for _, v, _ in expected], rtol=1e-6)
     assert ("round/winner_accuracy", 0.75, 0) in events
-    # Rewritten whole: a second write leaves one event file and no temp files.
+    # Incremental: a second write with nothing new writes nothing; every point once.
     reports.write_all(state, tmp_path)
-    assert len(list((tmp_path / reports.TENSORBOARD_DIR).iterdir())) == 1
+    assert len(list((tmp_path / reports.TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 1
+    assert sorted(_events(tmp_path / reports.TENSORBOARD_DIR)) == sorted(events)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -178,11 +178,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not config.memory.budget_mb >= 0:
         raise ValueError(f"config.memory.budget_mb must be >= 0 (0 = no budget), got "
                          f"{config.memory.budget_mb!r}")
-    RewardConfig(**config.reward)
+    reward_config_of(config)
     grow_trim_options(config, 0)
     grow_trim_options(config, 1)
     controller_config(config, 0)
     train_lib.check_config(config.train)
+
+
+def reward_config_of(config: ml_collections.ConfigDict) -> RewardConfig:
+    """config.reward as the reward's frozen settings (validated there)."""
+    return RewardConfig(**config.reward)
 
 
 def grow_trim_options(config: ml_collections.ConfigDict, round_index: int) -> GrowTrimOptions:

@@ -13,8 +13,8 @@ from memnas_jax import ranking, reports
 from memnas_jax.encoding import from_json
 from memnas_jax.grow_trim import Candidate, generate_candidates, initial_candidates
 from memnas_jax.memory import memory_report
-from memnas_jax.reward import RewardConfig, memory_efficient_reward
-from memnas_jax.search.config import grow_trim_options
+from memnas_jax.reward import RewardConfig, filter_by_budget, memory_efficient_reward
+from memnas_jax.search.config import grow_trim_options, reward_config_of
 from memnas_jax.search.seeds import seeded_sample
 from memnas_jax.space import Skeleton
 
@@ -63,10 +63,11 @@ def plan_round(round_index: int, base: dict | None, config: ml_collections.Confi
     convention = config.memory.convention
     memories: dict[str, dict] = {}
     if config.memory.budget_mb > 0:
-        budget = config.memory.budget_mb * reports.MB
         for c in candidates:
             memories[c.arch_hash] = _memory_entry(c, skeleton, convention)
-        candidates = [c for c in candidates if memories[c.arch_hash]["total_bytes"] <= budget]
+        candidates = filter_by_budget(
+            candidates, lambda arch: memories[arch.canonical_hash()]["total_bytes"],
+            config.memory.budget_mb * reports.MB)
     s = config.search
     scores = None
     if round_index < s.full_train_rounds:
@@ -123,7 +124,7 @@ def entry_reward(entry: dict, reference: dict, reward_config: RewardConfig) -> f
 def select_winner(rnd: dict, config: ml_collections.ConfigDict) -> None:
     """Fills the round's reference, every successful entry's reward, its best candidate and its
     winner (None when nothing improved on the base and the search stops on that)."""
-    reward_config = RewardConfig(**config.reward)
+    reward_config = reward_config_of(config)
     reference = round_reference(rnd)
     rnd["reference"] = reference
     ok = [e for e in rnd["entries"] if e["status"] == "ok"]

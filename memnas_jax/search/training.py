@@ -19,11 +19,11 @@ from memnas_jax import train as train_lib
 from memnas_jax.compile_ahead import CompileAhead, resolve_depth
 from memnas_jax.encoding import from_json
 from memnas_jax.errors import ConfigError
-from memnas_jax.reward import RewardConfig
 from memnas_jax.search.config import (
     candidate_groups,
     compile_ahead,
     packing_options,
+    reward_config_of,
 )
 from memnas_jax.search.policy import (
     entry_reward,
@@ -52,7 +52,7 @@ class RoundTraining:
         bar = progress_bar(len(entries), done, f"round {rnd['round']} ({rnd['mode']})",
                            self.writer and self.config.output.progress_bar)
         reference = round_reference(rnd) if rnd["base"] is not None else None
-        reward_config = RewardConfig(**self.config.reward)
+        reward_config = reward_config_of(self.config)
         # With candidate groups, G pending candidates train at once (candidate_parallel); each
         # result is what training it alone gives, so the state after each save is the same as
         # in a one-by-one run and a resume stays exact.
@@ -139,7 +139,7 @@ class RoundTraining:
         same pack, since the packs are cut from the pending candidates in order)."""
         entries, packing = rnd["entries"], rnd["packing"]
         reference = round_reference(rnd) if rnd["base"] is not None else None
-        reward_config = RewardConfig(**self.config.reward)
+        reward_config = reward_config_of(self.config)
         pending = [i for i, e in enumerate(entries) if e["status"] == "pending"]
         bar = progress_bar(len(entries), len(entries) - len(pending),
                            f"round {rnd['round']} ({rnd['mode']}, packed)",
