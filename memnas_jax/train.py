@@ -772,9 +772,8 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
     if data.on_device:
         train_arrays = sharding.replicate((data.train.images, data.train.labels), mesh)
 
-        def epoch_batches(epoch: int, skip: int) -> Iterator[tuple]:
-            del epoch  # the permutation comes from the key and epoch in the state
-            permutation = jax.device_put(_permutation(state.rng, state.epoch, len(data.train)),
+        def epoch_batches(rng: jax.Array, epoch: int, skip: int) -> Iterator[tuple]:
+            permutation = jax.device_put(_permutation(rng, np.int32(epoch), len(data.train)),
                                          sharding.replicated(mesh))
             for _ in range(setup.steps_per_epoch - skip):  # the step index is in the metrics
                 yield (*train_arrays, permutation)
@@ -782,7 +781,8 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
         host_seed = int(jax.device_get(state.rng)[-1])
         rows = sharding.process_batch_rows(mesh, config.batch_size)
 
-        def epoch_batches(epoch: int, skip: int) -> Iterator[tuple]:
+        def epoch_batches(rng: jax.Array, epoch: int, skip: int) -> Iterator[tuple]:
+            del rng  # the host pipeline's order comes from host_seed and the epoch
             batches = data_lib.host_batches(
                 data.train, config.batch_size, seed=host_seed, epoch=epoch, train=True,
                 rows=rows, num_threads=config.host_threads)
@@ -802,7 +802,7 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
             if resumed_metrics is not None:  # the epoch a stopped run left half-way
                 metrics, resumed_metrics = resumed_metrics, None
                 skip = int(jax.device_get(metrics["steps"]))
-            for i, batch in enumerate(epoch_batches(epoch, skip), start=skip):
+            for i, batch in enumerate(epoch_batches(state.rng, epoch, skip), start=skip):
                 state, metrics = programs.train_step(state, metrics, *batch)
                 if preemption.requested():  # a stop request: leave after this step
                     if snapshot_dir:
