@@ -199,6 +199,10 @@ def test_initialisation_follows_each_candidates_initialisers():
     shapes = {p: jnp.asarray(s) for p, s in real_shapes(module, arch).items()}
     code = {k: jnp.asarray(v) for k, v in template.code(arch).items()}
     fresh = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), code)
+    # "switch" makes the same variables with the same values (the same draws on any backend).
+    switched = TemplateNetwork(template, selection="switch").init(
+        jax.random.key(0), jnp.zeros((1, 16, 16, 3)), code)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), fresh, switched))
     ours = extract_variables(module, arch, mask_to_candidate(fresh, unflatten_paths(shapes)))
     own = network.init_network(jax.random.key(0), arch, SKELETON)[1]
     flat_ours, flat_own = flatten_paths(ours), flatten_paths(own)
@@ -259,8 +263,16 @@ def test_packed_default_initialisation_trains(synthetic, programs):
     for r in results:
         assert r.loss_curve[-1] < r.loss_curve[0]
         assert r.best_val_accuracy is not None and r.images_per_second > 0
-    # Two candidates in the pack of three (padded), the same results for them.
-    again = packed.train_packed(THREE[:2], config, synthetic, keys[:2], programs=compiled)
+    # Two candidates in the pack of three (padded), the same results for them, and nothing
+    # compiled: one program per round shape, whatever the pack holds.
+    compiles = []
+    listener = lambda event, seconds, **kw: compiles.append(event)  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        again = packed.train_packed(THREE[:2], config, synthetic, keys[:2], programs=compiled)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert "/jax/core/compile/backend_compile_duration" not in compiles
     assert [r.loss_curve for r in again] == [r.loss_curve for r in results[:2]]
     again = packed.train_packed(THREE, config, synthetic, keys, programs=compiled)
     assert [r.loss_curve for r in again] == [r.loss_curve for r in results]
