@@ -7,9 +7,9 @@ Two kinds of splits:
   as jitted JAX code from an epoch key (`epoch_permutation`, `augment_batch`), with no per-step
   host work.
 * `StreamingSplit`: a random-access record source too large for the device (ImageNet through
-  `tfds.data_source`). `host_batches` decodes, crops and batches on the host (grain when
-  installed, else a numpy iterator with a thread pool); the device then applies the same
-  flip / normalisation code to each batch.
+  `tfds.data_source`). `host_batches` (`memnas_jax.pipeline`) decodes, crops and batches on the
+  host with a thread pool; the device then applies the same flip / normalisation code
+  (`memnas_jax.augment`) to each batch. Both are re-exported here.
 
 CIFAR comes from `.npz` copies (arrays `image` uint8 NHWC and `label`: `config.npz_dir`, or
 `<$MEMNAS_DATA_DIR or ~/.cache/memnas_jax/data>/<name>/{train,test}.npz`), from a prepared TFDS
@@ -20,19 +20,31 @@ and deterministic in `validation_seed`.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 import pathlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from memnas_jax import download as download_lib
+from memnas_jax.augment import (  # re-exported
+    augment_batch,
+    crop,
+    cutout,
+    epoch_permutation,
+    mirror,
+    normalize,
+)
 from memnas_jax.errors import UserError
+from memnas_jax.pipeline import (  # re-exported
+    center_crop,
+    host_batches,
+    preprocess_record,
+    random_resized_crop,
+    resize_image,
+)
 
 DATA_DIR_ENV = download_lib.DATA_DIR_ENV
 
@@ -424,184 +436,6 @@ def synthetic_dataset(num_train: int = 512, num_validation: int = 128, num_test:
 
     return Dataset("synthetic", num_classes, (h, w, c), make(num_train), make(num_validation),
                    make(num_test), (0.5,) * c, (0.25,) * c)
-
-
-# ---------------------------------------------------------------------------------------------
-# Device-side augmentation (jitted, from keys)
-
-
-def epoch_permutation(key: jax.Array, num_examples: int) -> jax.Array:
-    """The example order of one epoch."""
-    return jax.random.permutation(key, num_examples)
-
-
-def crop(images: jax.Array, offsets: jax.Array, padding: int) -> jax.Array:
-    """Zero-pads by `padding` and crops back to the original size at `offsets` (n, 2) in
-    [0, 2 * padding] (torchvision RandomCrop(size, padding) with random offsets)."""
-    if padding <= 0:
-        return images
-    n, h, w, c = images.shape
-    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    window = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c))
-    return jax.vmap(window)(padded, offsets)
-
-
-def mirror(images: jax.Array, where: jax.Array) -> jax.Array:
-    """Mirrors left-right the images where `where` (n,) is true."""
-    return jnp.where(where[:, None, None, None], images[:, :, ::-1], images)
-
-
-def cutout(images: jax.Array, centres: jax.Array, length: int) -> jax.Array:
-    """Zeroes a `length` x `length` square per image around `centres` (n, 2), clipped at the
-    borders (DeVries & Taylor's Cutout as the authors used it: after normalisation, so the
-    hole is the mean colour; centres uniform over the image)."""
-    if length <= 0:
-        return images
-    _, h, w, _ = images.shape
-    cy, cx = centres[:, 0, None, None], centres[:, 1, None, None]
-    ys, xs = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
-    inside = ((ys >= cy - length // 2) & (ys < cy + length // 2)
-              & (xs >= cx - length // 2) & (xs < cx + length // 2))
-    return jnp.where(inside[..., None], jnp.zeros((), images.dtype), images)
-
-
-def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
-              dtype: Any = jnp.float32) -> jax.Array:
-    """uint8 [0, 255] -> (x / 255 - mean) / std per channel, in `dtype`."""
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
-
-
-def augment_batch(key: jax.Array, images: jax.Array, *, mean: Sequence[float],
-                  std: Sequence[float], crop_padding: int = 4, flip: bool = True,
-                  cutout_length: int = 0, dtype: Any = jnp.float32) -> jax.Array:
-    """The training transform of a uint8 batch, deterministic in `key`: random crop (pad
-    `crop_padding`, 0 = off), random flip, normalisation, Cutout (`cutout_length`, 0 = off).
-
-    All random numbers come from one `jax.random.bits` draw: each threefry instance costs
-    about a second of XLA:CPU compile time, per candidate."""
-    n, h, w, _ = images.shape
-    bits = jax.random.bits(key, (n, 5), jnp.uint32)
-    images = crop(images, (bits[:, :2] % (2 * crop_padding + 1)).astype(jnp.int32),
-                  crop_padding)
-    if flip:
-        images = mirror(images, (bits[:, 2] & 1) == 1)
-    centres = jnp.stack([bits[:, 3] % h, bits[:, 4] % w], axis=1).astype(jnp.int32)
-    return cutout(normalize(images, mean, std, dtype), centres, cutout_length)
-
-
-# ---------------------------------------------------------------------------------------------
-# Host pipeline (ImageNet)
-
-
-def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of a uint8 HWC image (scipy, so no imaging library is needed)."""
-    import scipy.ndimage
-    h, w = image.shape[:2]
-    if (h, w) == (height, width):
-        return image
-    out = scipy.ndimage.zoom(image.astype(np.float32), (height / h, width / w, 1), order=1,
-                             mode="nearest", grid_mode=True)
-    return np.clip(np.rint(out[:height, :width]), 0, 255).astype(np.uint8)
-
-
-def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Inception-style crop: area 8-100 %, aspect 3/4-4/3, resized to size x size."""
-    h, w = image.shape[:2]
-    for _ in range(10):
-        area = h * w * rng.uniform(0.08, 1.0)
-        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        ch, cw = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
-        if 0 < ch <= h and 0 < cw <= w:
-            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            break
-    else:  # fall back to the central square
-        ch = cw = min(h, w)
-        y, x = (h - ch) // 2, (w - cw) // 2
-    return resize_image(image[y:y + ch, x:x + cw], size, size)
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Resizes the shorter side to size / 0.875 and takes the centre size x size."""
-    h, w = image.shape[:2]
-    scale = size / 0.875 / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    resized = resize_image(image, nh, nw)
-    y, x = (nh - size) // 2, (nw - size) // 2
-    return resized[y:y + size, x:x + size]
-
-
-def preprocess_record(record: dict, split: StreamingSplit, train: bool,
-                      rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """A record -> (uint8 image of split.image_size, label)."""
-    image = np.asarray(record["image"], np.uint8)
-    if split.resize == "imagenet":
-        image = (random_resized_crop(image, split.image_size, rng) if train
-                 else center_crop(image, split.image_size))
-    elif image.shape[0] != split.image_size or image.shape[1] != split.image_size:
-        raise ValueError(f"record image {image.shape} is not {split.image_size} px square "
-                         "(set resize='imagenet')")
-    return image, int(record["label"])
-
-
-def host_batches(split: StreamingSplit, batch_size: int, *, seed: int, epoch: int, train: bool,
-                 rows: Sequence[int] | None = None, num_threads: int = 0,
-                 use_grain: bool | None = None
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yields (uint8 images, int32 labels, bool mask) host batches of a streaming split.
-
-    The split is cut into global batches of `batch_size`: training shuffles by (seed, epoch),
-    seeds each random crop by (seed, epoch, example) and drops the last partial batch;
-    evaluation keeps the stored order and pads the last batch (zero images, label 0, mask
-    False). `rows` are the positions within each global batch that this host feeds (default:
-    all of them; in a multi-host job `sharding.process_batch_rows`), so every host yields the
-    same number of batches of len(rows) rows, and hosts together cover each global batch once.
-    grain does the work when installed (and `use_grain` is not False), else a thread pool."""
-    n = len(split)
-    rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
-    if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= batch_size:
-        raise ValueError(f"rows must be positions in a batch of {batch_size}, got {rows}")
-    order = np.random.default_rng([seed, epoch]).permutation(n) if train else np.arange(n)
-    num_batches = n // batch_size if train else -(-n // batch_size)
-    # This host's examples, batch after batch; -1 marks padding past the end of the split.
-    positions = (np.arange(num_batches)[:, None] * batch_size + rows[None, :]).reshape(-1)
-    local = np.where(positions < n, order[np.minimum(positions, n - 1)], -1)
-    masks = (local >= 0).reshape(num_batches, len(rows))
-    padding: list[np.ndarray] = []
-
-    def load(i: int) -> tuple[np.ndarray, int]:
-        if i < 0:
-            if not padding:  # the shape of a real example (lazily: most batches need none)
-                padding.append(np.zeros_like(load(0)[0]))
-            return padding[0], 0
-        rng = np.random.default_rng([seed, epoch, int(i)])
-        return preprocess_record(split.source[int(i)], split, train, rng)
-
-    grain = _import_grain() if use_grain is not False else None
-    if use_grain and grain is None:
-        raise ImportError("use_grain=True but grain is not installed (pip install grain)")
-    threads = num_threads or min(8, os.cpu_count() or 1)
-    if grain is not None:
-        dataset = grain.MapDataset.source(local).map(load).batch(len(rows))
-        iterator = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                             prefetch_buffer_size=2 * len(rows)))
-        for mask, (images, labels) in zip(masks, iterator):
-            yield np.asarray(images, np.uint8), np.asarray(labels, np.int32), mask
-        return
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for b, mask in enumerate(masks):
-            items = list(pool.map(load, local[b * len(rows):(b + 1) * len(rows)]))
-            yield (np.stack([im for im, _ in items]),
-                   np.asarray([label for _, label in items], np.int32), mask)
-
-
-def _import_grain():
-    try:
-        import grain
-        return grain if hasattr(grain, "MapDataset") else None
-    except ImportError:
-        return None
 
 
 __all__ = [

@@ -34,4 +34,11 @@ def exit_on_user_error(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         sys.exit(EXIT_USER_ERROR)
 
 
-__all__ = ["EXIT_USER_ERROR", "ConfigError", "UserError", "WorkdirError", "exit_on_user_error"]
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, cut to `limit` characters (for one-line records)."""
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:limit]
+
+
+__all__ = ["EXIT_USER_ERROR", "ConfigError", "UserError", "WorkdirError", "exit_on_user_error",
+           "first_line"]

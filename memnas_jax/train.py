@@ -37,9 +37,11 @@ import numpy as np
 import optax
 from absl import logging
 
+from memnas_jax import checkpoints, ops, preemption, sharding
 from memnas_jax import data as data_lib
-from memnas_jax import ops, preemption, sharding
+from memnas_jax.checkpoints import PREEMPTED_DIR  # re-exported
 from memnas_jax.encoding import Cell
+from memnas_jax.errors import first_line
 from memnas_jax.space import Skeleton, cifar_skeleton, imagenet_skeleton
 
 STATUSES = ("ok", "diverged", "failed")
@@ -549,114 +551,6 @@ def compile_candidate(arch: Iterable[Iterable[Cell]] | None, config: ml_collecti
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _checkpoint_manager(directory: str, keep: int):
-    import orbax.checkpoint as ocp
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-
-def _save_checkpoint(manager, state: TrainState, history: list[dict]) -> None:
-    import orbax.checkpoint as ocp
-    epoch = int(jax.device_get(state.epoch))
-    if epoch in manager.all_steps():  # a rerun of a finished run; orbax refuses to overwrite
-        return
-    manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_dict(state)),
-        history=ocp.args.JsonSave({"epochs": history})))
-    # The next train step donates (frees) the state's buffers: let the save finish reading them.
-    manager.wait_until_finished()
-
-
-def _state_dict(state: TrainState) -> dict:
-    """The state as a plain dict: what the checkpoint holds."""
-    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-
-
-def _restore_latest(manager, template: TrainState) -> tuple[TrainState | None, list, str]:
-    """The newest readable checkpoint (state, history, message). Unreadable ones are reported in
-    the message and deleted, so the rerun can save that epoch again."""
-    import orbax.checkpoint as ocp
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(template))
-    notes = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
-            state = TrainState(**restored["state"])
-            history = list(restored["history"]["epochs"])
-            if int(jax.device_get(state.epoch)) != step or len(history) != step:
-                raise ValueError(f"holds epoch {int(state.epoch)} and {len(history)} history "
-                                 "entries")
-        except Exception as e:  # orbax/tensorstore raise many
-            notes.append(f"checkpoint at epoch {step} is unreadable "
-                         f"({type(e).__name__}: {_first_line(e)}); deleted it")
-            logging.warning("%s", notes[-1])
-            manager.delete(step)
-            continue
-        notes.append(f"resumed from the checkpoint at epoch {step}")
-        return state, history, "; ".join(notes)
-    return None, [], "; ".join(notes)
-
-
-PREEMPTED_DIR = "preempted"  # inside checkpoint_dir: the mid-epoch snapshot of a stopped run
-
-
-def _save_snapshot(directory: str, state: TrainState, metrics: dict, history: list[dict]
-                   ) -> None:
-    """The state in the middle of an epoch, with the epoch's running metrics: what a run stopped
-    on request (`memnas_jax.preemption`) resumes from, step for step."""
-    import orbax.checkpoint as ocp
-    manager = _checkpoint_manager(directory, 1)
-    try:
-        step = int(jax.device_get(state.step))
-        if step not in manager.all_steps():
-            manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_state_dict(state)),
-                running=ocp.args.StandardSave(metrics),
-                history=ocp.args.JsonSave({"epochs": history})))
-        manager.wait_until_finished()
-    finally:
-        manager.close()
-
-
-def _restore_snapshot(directory: str, template: TrainState, mesh
-                      ) -> tuple[TrainState, dict, list] | None:
-    """The mid-epoch snapshot, if there is a readable one (an unreadable one is deleted)."""
-    import orbax.checkpoint as ocp
-    if not os.path.isdir(directory):
-        return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(template))
-    metrics = {"loss_sum": jax.ShapeDtypeStruct((), jnp.float32),
-               "steps": jax.ShapeDtypeStruct((), jnp.int32)}
-    manager = _checkpoint_manager(directory, 1)
-    try:
-        for step in sorted(manager.all_steps(), reverse=True):
-            try:
-                restored = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract),
-                    running=ocp.args.StandardRestore(metrics), history=ocp.args.JsonRestore()))
-            except Exception as e:  # orbax/tensorstore raise many
-                logging.warning("the mid-epoch snapshot at step %d is unreadable (%s); using the "
-                                "epoch checkpoints", step, _first_line(e))
-                manager.delete(step)
-                continue
-            return (TrainState(**restored["state"]),
-                    sharding.replicate(jax.device_get(restored["running"]), mesh),
-                    list(restored["history"]["epochs"]))
-        return None
-    finally:
-        manager.close()
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else "")[:limit]
-
-
-# ---------------------------------------------------------------------------------------------
 # Data on the device
 
 
@@ -726,7 +620,7 @@ def train_candidate(arch: Iterable[Iterable[Cell]] | None, config: ml_collection
 def failed_result(error: BaseException, start: float) -> TrainResult:
     """The "failed" result of a candidate whose training raised `error` (started at
     `time.perf_counter()` `start`): out of memory or another error, with the message."""
-    return _failed(f"{type(error).__name__}: {_first_line(error, 2000)}", start,
+    return _failed(f"{type(error).__name__}: {first_line(error, 2000)}", start,
                    failure="out_of_memory" if is_out_of_memory(error) else "error")
 
 
@@ -752,16 +646,16 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
     notes: list[str] = []
     manager = None
     if config.checkpoint_dir:
-        manager = _checkpoint_manager(config.checkpoint_dir, config.checkpoints_to_keep)
-        restored, history, note = _restore_latest(manager, state)
+        manager = checkpoints.checkpoint_manager(config.checkpoint_dir, config.checkpoints_to_keep)
+        restored, history, note = checkpoints.restore_latest(manager, state)
         if note:
             notes.append(note)
         if restored is not None:
             state = sharding.replicate(restored, mesh)
     resumed_metrics = None  # the running metrics of an epoch stopped half-way
-    snapshot_dir = (os.path.join(config.checkpoint_dir, PREEMPTED_DIR) if config.checkpoint_dir
-                    else "")
-    snapshot = _restore_snapshot(snapshot_dir, state, mesh) if snapshot_dir else None
+    snapshot_dir = (os.path.join(config.checkpoint_dir, checkpoints.PREEMPTED_DIR)
+                    if config.checkpoint_dir else "")
+    snapshot = checkpoints.restore_snapshot(snapshot_dir, state, mesh) if snapshot_dir else None
     if snapshot is not None and int(snapshot[0].epoch) >= int(jax.device_get(state.epoch)):
         state, resumed_metrics, history = sharding.replicate(snapshot[0], mesh), *snapshot[1:]
         notes.append(f"resumed in epoch {int(state.epoch) + 1} after step "
@@ -807,11 +701,11 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
                 if preemption.requested():  # a stop request: leave after this step
                     if snapshot_dir:
                         try:
-                            _save_snapshot(snapshot_dir, state, metrics, history)
+                            checkpoints.save_snapshot(snapshot_dir, state, metrics, history)
                         except Exception as e:  # still stop
                             logging.warning("could not save the mid-epoch snapshot (%s); the "
                                             "candidate resumes from its last epoch checkpoint",
-                                            _first_line(e))
+                                            first_line(e))
                     raise preemption.Preempted()
                 if config.nan_check_every_steps and (i + 1) % config.nan_check_every_steps == 0:
                     if not np.isfinite(float(jax.device_get(metrics["loss_sum"]))):
@@ -837,7 +731,7 @@ def _train(arch, config, data, rng, skeleton, model, programs, start) -> TrainRe
             if manager is not None and (epoch + 1 == config.epochs or (
                     config.checkpoint_every_epochs
                     and (epoch + 1) % config.checkpoint_every_epochs == 0)):
-                _save_checkpoint(manager, state, history)
+                checkpoints.save_checkpoint(manager, state, history)
             if snapshot_dir and epoch == resumed_from and jax.process_index() == 0:
                 shutil.rmtree(snapshot_dir, ignore_errors=True)  # the epoch it stopped in is done
     finally:
@@ -911,7 +805,8 @@ class _Evaluator:
 
 
 __all__ = [
-    "AUTO_CACHE", "DTYPES", "STATUSES", "XLA_CACHE_DIR", "CandidatePrograms", "TrainResult",
+    "AUTO_CACHE", "DTYPES", "PREEMPTED_DIR", "STATUSES", "XLA_CACHE_DIR", "CandidatePrograms",
+    "TrainResult",
     "TrainState", "check_config", "compilation_cache_path", "compile_candidate",
     "compiler_options", "configure_compilation_cache", "cross_entropy", "default_config",
     "failed_result",

@@ -277,14 +277,11 @@ def tfds_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("use_grain", [False, True], ids=["threads", "grain"])
-def test_tfds_streaming_and_host_pipeline(tfds_dir, use_grain):
-    if use_grain:
-        pytest.importorskip("grain", reason="grain (optional host pipeline) not installed")
+def test_tfds_streaming_and_host_pipeline(tfds_dir):
     split = data_lib.tfds_streaming_split("memnas_tiny_images", "train", str(tfds_dir),
                                           image_size=8, resize="imagenet")
     assert len(split) == 12
-    batches = lambda **kw: list(data_lib.host_batches(split, 5, use_grain=use_grain, **kw))
+    batches = lambda **kw: list(data_lib.host_batches(split, 5, **kw))
     epoch0 = batches(seed=1, epoch=0, train=True)
     assert [b[0].shape for b in epoch0] == [(5, 8, 8, 3)] * 2  # last partial batch dropped
     again = batches(seed=1, epoch=0, train=True)
@@ -306,17 +303,14 @@ def test_tfds_streaming_and_host_pipeline(tfds_dir, use_grain):
     assert not evaluation[-1][0][2:].any() and not evaluation[-1][1][2:].any()
 
 
-@pytest.mark.parametrize("use_grain", [False, True], ids=["threads", "grain"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_host_shards_cover_each_global_batch_once(use_grain, train):
+def test_host_shards_cover_each_global_batch_once(train):
     """Two hosts feeding rows [0, 4) and [4, 8) of each global batch of 8 together give the
     single host's batches: same examples in the same places, same crops, same padding."""
-    if use_grain:
-        pytest.importorskip("grain", reason="grain (optional host pipeline) not installed")
     records = [{"image": np.full((6, 6, 3), i, np.uint8), "label": i % 10} for i in range(19)]
     split = data_lib.StreamingSplit(records, image_size=4, resize="imagenet")
     batches = lambda rows=None: list(data_lib.host_batches(
-        split, 8, seed=3, epoch=1, train=train, rows=rows, use_grain=use_grain))
+        split, 8, seed=3, epoch=1, train=train, rows=rows))
     whole = batches()
     hosts = [batches(range(0, 4)), batches(range(4, 8))]
     assert len(whole) == len(hosts[0]) == len(hosts[1]) == (2 if train else 3)
