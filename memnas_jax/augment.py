@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -61,6 +62,8 @@ def augment_batch(key: jax.Array, images: jax.Array, *, mean: Sequence[float],
 
     All random numbers come from one `jax.random.bits` draw: each threefry instance costs
     about a second of XLA:CPU compile time, per candidate."""
+    chex.assert_rank(images, 4)  # NHWC (checked when traced: free at run time)
+    chex.assert_type(images, jnp.uint8)
     n, h, w, _ = images.shape
     bits = jax.random.bits(key, (n, 5), jnp.uint32)
     images = crop(images, (bits[:, :2] % (2 * crop_padding + 1)).astype(jnp.int32),

@@ -28,6 +28,7 @@ import time
 import traceback
 from typing import Any, Iterable, Mapping, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -141,6 +142,8 @@ class _Steps:
             idx = jax.lax.dynamic_slice_in_dim(permutations, steps * b, b, axis=1)  # (K, B)
             batch = jax.lax.with_sharding_constraint(
                 (images[idx], labels[idx]), _pack_batch_sharding(self.mesh))
+            chex.assert_shape(batch[1], (permutations.shape[0], b))  # (K, B): one per candidate
+            chex.assert_tree_shape_prefix(state, (permutations.shape[0],))
             state, loss_sum = self._over_pack(
                 lambda s, ls, a, c, x, y: one(s, ls, a, c, steps, x, y),
                 state, metrics["loss_sum"], active, codes, *batch)

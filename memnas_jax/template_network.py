@@ -23,6 +23,7 @@ import functools
 import math
 from typing import Any, Mapping
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -193,6 +194,10 @@ class TemplateNetwork(nn.Module):
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection {self.selection!r} is not one of {SELECTIONS}")
         sk = self.template.skeleton
+        chex.assert_shape(x, (None, sk.image_size, sk.image_size, sk.in_channels))
+        expected = self.template.code(None)
+        chex.assert_trees_all_equal_shapes(  # the template's code, one candidate's (not a pack)
+            {k: code[k] for k in expected}, {k: jnp.asarray(v) for k, v in expected.items()})
         settings = OpSettings.from_skeleton(sk, self.depthwise_impl, self.dtype)
         x = jnp.asarray(x, self.dtype)
         if sk.stem_width:
