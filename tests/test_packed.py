@@ -287,3 +287,22 @@ def test_streamed_data_is_refused_with_a_clear_failure(synthetic):
                                   skeleton=SKELETON)
     assert [r.status for r in results] == ["failed"] * 3
     assert "device-resident data" in results[0].message
+
+
+def test_pack_size_is_halved_until_the_step_fits_device_memory(synthetic, monkeypatch):
+    """compile_fitting_pack on a device that reports little memory: K 2 -> 1 while XLA's
+    memory analysis of the step exceeds 60 % of it (a CPU reports none: K as asked)."""
+    template = RoundTemplate.from_architectures(THREE, SKELETON)
+    config = _config(epochs=1)
+    assert packed.device_memory_bytes() is None  # XLA:CPU: no limit, no sizing
+    sizes = []
+    real_compile = packed.compile_packed
+
+    def compile_and_record(template, config, data, pack_size, selection="auto"):
+        sizes.append(pack_size)
+        return real_compile(template, config, data, pack_size, selection)
+    monkeypatch.setattr(packed, "compile_packed", compile_and_record)
+    monkeypatch.setattr(packed, "program_bytes", lambda programs: programs.pack_size * 1000)
+    monkeypatch.setattr(packed, "device_memory_bytes", lambda: 3000)  # 60 %: 1,800 bytes
+    programs = packed.compile_fitting_pack(template, config, synthetic, 3, "select")
+    assert sizes == [3, 1] and programs.pack_size == 1
