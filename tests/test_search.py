@@ -478,6 +478,20 @@ def test_packing_choices_and_their_errors(tmp_path):
     search.run_search(config, tmp_path / "auto", train_fn=ScriptedPackTrainer())
     # "auto" on a CPU trains standalone (README, "Packed training"); recorded in the round.
     assert _state(tmp_path / "auto")["rounds"][0]["packing"] is None
+    # A round trained before packing existed (no record) goes on standalone when resumed.
+    state = _state(tmp_path / "auto")
+    rnd = state["rounds"][0]
+    del rnd["packing"]
+    rnd["entries"][1].update(status="pending", accuracy=None, reward=None)
+    state.update(status="running", stop_reason=None)
+    rnd["phase"] = "training"
+    search.save_state(state, tmp_path / "auto")
+    packed_config = _config(max_rounds=1)
+    packed_config.parallel.update(dict(packing="packed", pack_size=2))
+    trainer = ScriptedPackTrainer()
+    search.run_search(packed_config, tmp_path / "auto", train_fn=trainer)
+    assert trainer.packs == [] and len(trainer.calls) == 1
+    assert _state(tmp_path / "auto")["rounds"][0]["packing"] is None
     config.parallel.packing = "packed"
     with pytest.raises(ConfigError, match="trains one candidate at a time"):
         search.run_search(config, tmp_path / "plain", train_fn=ScriptedTrainer())

@@ -99,9 +99,13 @@ class RoundTraining:
     # ----- packed training
     def round_packing(self, rnd: dict) -> dict | None:
         """How this round trains: {"pack_size", "selection"} when packed, None standalone.
-        Decided when the round first trains and recorded there, so a resume keeps it."""
+        Decided when the round first trains and recorded there, so a resume keeps it. A round
+        that trained candidates without a record (a work directory from before packing) goes
+        on standalone, so one round never mixes the two."""
         if "packing" not in rnd:
-            rnd["packing"] = self.resolve_packing(rnd)
+            started = any(e["status"] != "pending" and e.get("reused_from_round") is None
+                          for e in rnd["entries"])
+            rnd["packing"] = None if started else self.resolve_packing(rnd)
             self.save()
         return rnd["packing"]
 
