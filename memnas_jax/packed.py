@@ -212,13 +212,7 @@ def compile_packed(template: RoundTemplate, config: ml_collections.ConfigDict,
     start = time.perf_counter()
     selection = resolve_selection(selection, pack_size)
     module = _module(template, config, selection)
-    mesh = sharding.make_data_mesh(config.num_devices)
-    sharding.check_batch_size(config.batch_size, mesh)
-    sharding.check_batch_size(config.eval_batch_size, mesh, "eval batch size")
-    steps_per_epoch = len(data.train) // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch size {config.batch_size} exceeds the {len(data.train)} "
-                         "training examples")
+    mesh, steps_per_epoch, eval_batches = train_lib.data_layout(config, data)
     tx = train_lib.make_optimizer(config, steps_per_epoch)
     steps = _Steps(module, tx, mesh, tuple(data.mean), tuple(data.std),
                    (config.augment.crop_padding, config.augment.flip, config.augment.cutout),
@@ -246,7 +240,6 @@ def compile_packed(template: RoundTemplate, config: ml_collections.ConfigDict,
         codes, jax.ShapeDtypeStruct((size, *image_shape), jnp.uint8, sharding=repl),
         jax.ShapeDtypeStruct((size,), jnp.int32, sharding=repl),
         jax.ShapeDtypeStruct((k, size), jnp.int32, sharding=repl)).compile()
-    eval_batches = sum(-(-len(s) // config.eval_batch_size) for s in train_lib._eval_splits(data))
     eval_step = None
     if eval_batches:
         shape = (eval_batches, config.eval_batch_size)

@@ -449,7 +449,10 @@ class _Setup:
     eval_batches: int  # resident data: batches of the validation and test splits together
 
 
-def _setup(arch, config, data: data_lib.Dataset, skeleton, model) -> _Setup:
+def data_layout(config, data: data_lib.Dataset) -> tuple[Any, int, int]:
+    """(mesh, steps per epoch, resident evaluation batches) of `config` on `data`, with the batch
+    sizes checked against the mesh and the training split: what standalone and packed training
+    share."""
     mesh = sharding.make_data_mesh(config.num_devices)
     sharding.check_batch_size(config.batch_size, mesh)
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval batch size")
@@ -457,6 +460,12 @@ def _setup(arch, config, data: data_lib.Dataset, skeleton, model) -> _Setup:
     if steps_per_epoch < 1:
         raise ValueError(f"batch size {config.batch_size} exceeds the {len(data.train)} "
                          "training examples")
+    eval_batches = sum(-(-len(s) // config.eval_batch_size) for s in _eval_splits(data))
+    return mesh, steps_per_epoch, eval_batches
+
+
+def _setup(arch, config, data: data_lib.Dataset, skeleton, model) -> _Setup:
+    mesh, steps_per_epoch, eval_batches = data_layout(config, data)
     if model is None:
         from memnas_jax.network import MemNASNetwork
         skeleton = skeleton or skeleton_from_config(config, data)
@@ -466,7 +475,6 @@ def _setup(arch, config, data: data_lib.Dataset, skeleton, model) -> _Setup:
     steps = _StepFactory(model, tx, mesh, tuple(data.mean), tuple(data.std),
                          config.augment.crop_padding, config.augment.flip, config.augment.cutout,
                          config.label_smoothing, config.batch_size)
-    eval_batches = sum(-(-len(s) // config.eval_batch_size) for s in _eval_splits(data))
     return _Setup(steps, mesh, steps_per_epoch, eval_batches)
 
 

@@ -266,22 +266,8 @@ def test_search_killed_at_any_point_resumes_to_the_same_result(whole_search, tmp
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     workdir = tmp_path / "killed"
     for after, delay in ((1, 0.0), (3, 1.5), (4, 1.0), (5, 0.0)):
-        proc = subprocess.Popen(_search_argv(workdir, cache), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 600
-        while _trained(workdir) < after:
-            if proc.poll() is not None:
-                pytest.fail(f"the search ended before candidate {after}:\n"
-                            f"{proc.stderr.read().decode()[-3000:]}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"no candidate {after} within 600 s")
-            time.sleep(0.05)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
-        assert proc.returncode == -signal.SIGKILL
+        assert _kill_after(_search_argv(workdir, cache), workdir, after, delay,
+                           env) == -signal.SIGKILL
         assert after <= _trained(workdir) < 6
     subprocess.run(_search_argv(workdir, cache), env=env, check=True, capture_output=True,
                    timeout=900)
@@ -291,6 +277,26 @@ def test_search_killed_at_any_point_resumes_to_the_same_result(whole_search, tmp
         (whole / reports.BEST_FILE).read_text())
     assert ((workdir / reports.BEST_ARCHITECTURE_FILE).read_text()
             == (whole / reports.BEST_ARCHITECTURE_FILE).read_text())
+
+
+def _kill_after(argv, workdir: pathlib.Path, after: int, delay: float, env: dict) -> int:
+    """Starts the search, waits until `after` candidates are recorded, then `delay` seconds,
+    SIGKILLs it and returns its exit code."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while _trained(workdir) < after:
+        if proc.poll() is not None:
+            pytest.fail(f"the search ended before candidate {after}:\n"
+                        f"{proc.stderr.read().decode()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no candidate {after} within 600 s")
+        time.sleep(0.05)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    return proc.returncode
 
 
 def _trained(workdir: pathlib.Path) -> int:
@@ -344,21 +350,7 @@ def test_packed_search_killed_resumes_the_same_packs(whole_packed_search, tmp_pa
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     workdir = tmp_path / "killed"
     for after, delay in ((2, 0.0), (2, 8.0), (4, 0.0)):
-        proc = subprocess.Popen(_packed_argv(workdir, cache), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 600
-        while _trained(workdir) < after:
-            if proc.poll() is not None:
-                pytest.fail(f"the search ended before candidate {after}:\n"
-                            f"{proc.stderr.read().decode()[-3000:]}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"no candidate {after} within 600 s")
-            time.sleep(0.05)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
+        _kill_after(_packed_argv(workdir, cache), workdir, after, delay, env)
         assert _trained(workdir) % 2 == 0  # a pack's results are saved together
     subprocess.run(_packed_argv(workdir, cache), env=env, check=True, capture_output=True,
                    timeout=900)
