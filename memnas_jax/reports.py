@@ -1,8 +1,8 @@
 """What a search leaves in its work directory, rebuilt from the search state (`memnas_jax.search`).
 
-Every output is a pure function of the state dict, rewritten whole and atomically (temp file +
-`os.replace`), so a resumed search never duplicates a line and a killed one never leaves half a
-file:
+Every output is a pure function of the search state (`memnas_jax.search.state.SearchState`),
+rewritten whole and atomically (temp file + `os.replace`), so a resumed search never duplicates a
+line and a killed one never leaves half a file:
 
 * `candidates.jsonl`: one line per trained candidate of each round (`candidate_records`);
 * `best.json`: the search's current answer, the last round winner, and the Pareto front of all
@@ -25,11 +25,14 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from absl import logging
 
 from memnas_jax.io import atomic_write
+
+if TYPE_CHECKING:  # reports read the state; the search imports reports
+    from memnas_jax.search.state import SearchState
 
 CANDIDATES_FILE = "candidates.jsonl"
 BEST_FILE = "best.json"
@@ -57,37 +60,27 @@ def _json(value: Any) -> str:
 # Records
 
 
-def trained_entries(state: dict) -> Iterable[tuple[dict, dict]]:
-    """(round record, entry) of every entry that has a result, in training order."""
-    for rnd in state["rounds"]:
-        for entry in rnd["entries"]:
-            if entry["status"] != "pending":
-                yield rnd, entry
-
-
-def candidate_records(state: dict) -> list[dict]:
+def candidate_records(state: SearchState) -> list[dict]:
     """One record per trained (round, candidate): the entry's fields plus its round, position in
     the round's training order, the round's base hash and whether it won the round."""
     records = []
-    for rnd, entry in trained_entries(state):
-        record = {"round": rnd["round"], "index": rnd["entries"].index(entry),
-                  "mode": rnd["mode"],
-                  "base_hash": rnd["base"]["hash"] if rnd["base"] else None}
-        record.update({k: entry.get(k) for k in _ENTRY_FIELDS})
-        record["winner"] = rnd.get("winner") == entry["hash"]
-        record["architecture"] = entry["architecture"]
-        records.append(record)
+    for rnd in state.rounds:
+        for index, entry in enumerate(rnd.entries):
+            if not entry.trained:
+                continue
+            fields = entry.to_json()
+            record = {"round": rnd.round, "index": index, "mode": rnd.mode,
+                      "base_hash": rnd.base.hash if rnd.base else None}
+            record.update({k: fields[k] for k in _ENTRY_FIELDS})
+            record["winner"] = rnd.winner == entry.hash
+            record["architecture"] = fields["architecture"]
+            records.append(record)
     return records
 
 
-def winners(state: dict) -> list[dict]:
-    """The winning entry of every round that has one, with its round, in round order."""
-    out = []
-    for rnd in state["rounds"]:
-        if rnd.get("winner"):
-            entry = next(e for e in rnd["entries"] if e["hash"] == rnd["winner"])
-            out.append(dict(entry, round=rnd["round"]))
-    return out
+def winners(state: SearchState) -> list[dict]:
+    """The record of every round's winner, with its round, in round order."""
+    return [dict(entry.to_json(), round=rnd.round) for rnd, entry in state.winners()]
 
 
 _ANSWER_FIELDS = ("round", "hash", "kind", "description", "cells_per_block", "accuracy",
@@ -99,16 +92,16 @@ def _answer_fields(record: dict) -> dict:
     return {**{k: record.get(k) for k in _ANSWER_FIELDS}, "total_mb": record["total_bytes"] / MB}
 
 
-def best_record(state: dict) -> dict:
+def best_record(state: SearchState) -> dict:
     """The search's answer: the last round winner (the base the next round would grow from), as
     in the paper; and, since with short proxy training an earlier candidate may beat it on both
     axes, the Pareto front (accuracy vs total memory) of every trained candidate, with whether
     the winner is on it."""
     won = winners(state)
     front = pareto_records(state)
-    record = {"status": state["status"], "stop_reason": state.get("stop_reason"),
-              "rounds_done": sum(r["phase"] == "done" for r in state["rounds"]),
-              "num_trained": state.get("num_trained", 0), "config_hash": state["config_hash"],
+    record = {"status": state.status, "stop_reason": state.stop_reason,
+              "rounds_done": sum(r.phase == "done" for r in state.rounds),
+              "num_trained": state.num_trained, "config_hash": state.config_hash,
               "best": _answer_fields(won[-1]) if won else None,
               "best_on_pareto_front": (won[-1]["hash"] in {r["hash"] for r in front}
                                        if won else None),
@@ -116,7 +109,7 @@ def best_record(state: dict) -> dict:
     return record
 
 
-def pareto_records(state: dict) -> list[dict]:
+def pareto_records(state: SearchState) -> list[dict]:
     """The trained candidates on the accuracy / total-memory Pareto front, by increasing memory
     (an architecture trained in several rounds counts once, with its first result)."""
     unique = _unique_by_hash(_ok(candidate_records(state)))
@@ -162,17 +155,15 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return lines
 
 
-def leaderboard_markdown(state: dict, rows: int = 20) -> str:
-    settings = state.get("summary", {})
+def leaderboard_markdown(state: SearchState, rows: int = 20) -> str:
+    settings = state.summary
     lines = ["# MemNAS search leaderboard", ""]
-    status = state["status"]
-    if status == "finished":
-        lines.append(f"Finished: {state.get('stop_reason')}.")
+    if state.finished:
+        lines.append(f"Finished: {state.stop_reason}.")
     else:
-        rnd = state["rounds"][-1] if state["rounds"] else None
-        done = sum(e["status"] != "pending" for e in rnd["entries"]) if rnd else 0
-        lines.append(f"Running: round {rnd['round']}, {done}/{len(rnd['entries'])} candidates "
-                     "trained." if rnd else "Running: starting.")
+        rnd = state.rounds[-1] if state.rounds else None
+        lines.append(f"Running: round {rnd.round}, {rnd.num_trained}/{len(rnd.entries)} "
+                     "candidates trained." if rnd else "Running: starting.")
     if settings:
         lines += ["", "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + "."]
     answer = best_record(state)
@@ -194,18 +185,16 @@ def leaderboard_markdown(state: dict, rows: int = 20) -> str:
 
     lines += ["", "## Rounds", ""]
     round_rows = []
-    for rnd in state["rounds"]:
-        entries = rnd["entries"]
-        w = next((e for e in entries if e["hash"] == rnd.get("winner")), None)
-        failed = sum(e["status"] in ("failed", "diverged") for e in entries)
-        trained = sum(e["status"] != "pending" for e in entries)
+    for rnd in state.rounds:
+        entries, w = rnd.entries, rnd.winner_entry
+        failed = sum(e.status in ("failed", "diverged") for e in entries)
         round_rows.append([
-            rnd["round"], rnd["mode"], rnd["num_generated"], rnd["num_over_budget"],
-            f"{trained}/{len(entries)}", failed,
-            f"`{w['hash'][:10]}` {w['description']}" if w else "-",
-            _pct(w["accuracy"]) if w else "-", _mb(w["param_bytes"]) if w else "-",
-            _mb(w["working_bytes"]) if w else "-", _mb(w["total_bytes"]) if w else "-",
-            _num(w["reward"]) if w else "-", _num(rnd.get("controller_tau"), "+.3f")])
+            rnd.round, rnd.mode, rnd.num_generated, rnd.num_over_budget,
+            f"{rnd.num_trained}/{len(entries)}", failed,
+            f"`{w.hash[:10]}` {w.description}" if w else "-",
+            _pct(w.accuracy) if w else "-", _mb(w.param_bytes) if w else "-",
+            _mb(w.working_bytes) if w else "-", _mb(w.total_bytes) if w else "-",
+            _num(w.reward) if w else "-", _num(rnd.controller_tau, "+.3f")])
     lines += _table(["round", "mode", "generated", "over budget", "trained", "failed/diverged",
                      "winner", "acc %", "params MB", "working MB", "total MB", "reward",
                      "controller tau"], round_rows)
@@ -257,7 +246,7 @@ def save_figure(fig, path: str | os.PathLike) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def plot_pareto(state: dict, path: str | os.PathLike, title: str = "") -> None:
+def plot_pareto(state: SearchState, path: str | os.PathLike, title: str = "") -> None:
     """Accuracy vs total memory of every trained candidate, coloured by round; each round's
     winner a star labelled with its round; the Pareto front a step line."""
     plt = pyplot()
@@ -291,7 +280,7 @@ def plot_pareto(state: dict, path: str | os.PathLike, title: str = "") -> None:
     save_figure(fig, path)
 
 
-def plot_trajectory(state: dict, path: str | os.PathLike, title: str = "") -> None:
+def plot_trajectory(state: SearchState, path: str | os.PathLike, title: str = "") -> None:
     """Per round: the winner's accuracy (and the best accuracy trained in the round), and the
     winner's parameter, working and total memory (the paper's acc / imc / npc figures)."""
     plt = pyplot()
@@ -325,7 +314,7 @@ def plot_trajectory(state: dict, path: str | os.PathLike, title: str = "") -> No
 # TensorBoard
 
 
-def tensorboard_scalars(state: dict) -> list[tuple[str, float, int]]:
+def tensorboard_scalars(state: SearchState) -> list[tuple[str, float, int]]:
     """(tag, value, step) of every scalar: per trained candidate (step = its position in the
     whole search's training order) and per round (step = round)."""
     scalars = []
@@ -344,20 +333,19 @@ def tensorboard_scalars(state: dict) -> list[tuple[str, float, int]]:
                     ("round/winner_total_mb", w["total_bytes"] / MB, r)]
         if w["reward"] is not None:
             scalars.append(("round/winner_reward", w["reward"], r))
-    for rnd in state["rounds"]:
-        trained = sum(e["status"] != "pending" for e in rnd["entries"])
-        scalars.append(("round/num_trained", float(trained), rnd["round"]))
+    for rnd in state.rounds:
+        scalars.append(("round/num_trained", float(rnd.num_trained), rnd.round))
         for key in ("controller_tau", "controller_holdout_tau"):
-            value = rnd.get(key)
+            value = getattr(rnd, key)
             if value is not None and math.isfinite(value):
-                scalars.append((f"round/{key}", value, rnd["round"]))
+                scalars.append((f"round/{key}", value, rnd.round))
     return scalars
 
 
 TENSORBOARD_WRITTEN_FILE = "written.json"  # in the TensorBoard folder: (tag, step) written
 
 
-def write_tensorboard(state: dict, logdir: str | os.PathLike) -> bool:
+def write_tensorboard(state: SearchState, logdir: str | os.PathLike) -> bool:
     """Appends to `logdir` the scalars of `tensorboard_scalars(state)` not written before (a
     ledger in `logdir` remembers the (tag, step) pairs written), so TensorBoard, which reads
     every event file of the folder, sees each point once; False (and a warning) when
@@ -393,7 +381,8 @@ def write_tensorboard(state: dict, logdir: str | os.PathLike) -> bool:
 # Everything
 
 
-def write_tables(state: dict, workdir: str | os.PathLike, leaderboard_rows: int = 20) -> None:
+def write_tables(state: SearchState, workdir: str | os.PathLike,
+                 leaderboard_rows: int = 20) -> None:
     """candidates.jsonl, best.json and leaderboard.md (cheap: after every trained candidate)."""
     workdir = pathlib.Path(workdir)
     lines = [json.dumps(r, sort_keys=True, allow_nan=False) for r in candidate_records(state)]
@@ -407,7 +396,7 @@ def write_tables(state: dict, workdir: str | os.PathLike, leaderboard_rows: int 
     atomic_write(workdir / LEADERBOARD_FILE, leaderboard_markdown(state, leaderboard_rows))
 
 
-def write_all(state: dict, workdir: str | os.PathLike, *, plots: bool = True,
+def write_all(state: SearchState, workdir: str | os.PathLike, *, plots: bool = True,
               tensorboard: bool = True, leaderboard_rows: int = 20) -> None:
     """The tables, and the plots and TensorBoard logs when asked (at round ends). A table that
     cannot be written stops the caller (`io.StorageError`); a plot or TensorBoard log that
@@ -440,6 +429,6 @@ __all__ = [
     "TIMING_FIELDS", "TRAJECTORY_FILE", "best_record", "candidate_records",
     "leaderboard_markdown", "pareto_front", "pareto_records", "plot_pareto", "plot_trajectory",
     "pyplot", "read_candidates", "save_figure",
-    "tensorboard_scalars", "trained_entries", "winners", "write_all", "write_tables",
+    "tensorboard_scalars", "winners", "write_all", "write_tables",
     "write_tensorboard",
 ]

@@ -123,8 +123,7 @@ try:
     run(2, tmp / "resumed", GroupRecordingTrainer(stop))
 except Interrupted:
     pass
-done = sum(e["status"] != "pending" for r in search.load_state(tmp / "resumed")["rounds"]
-           for e in r["entries"])
+done = len(search.load_state(tmp / "resumed").trained_entries())
 resumed = run(2, tmp / "resumed", GroupRecordingTrainer())
 records = {k: _without_timing(reports.read_candidates(tmp / k)) for k in ("one", "two", "resumed")}
 print(json.dumps(dict(

@@ -65,8 +65,8 @@ _TIMING = ("train_seconds", "compile_seconds", "images_per_second")
 
 def _records(workdir):
     state = search.load_state(workdir)
-    return [{k: v for k, v in e.items() if k not in _TIMING}
-            for r in state["rounds"] for e in r["entries"]]
+    return [{k: v for k, v in e.to_json().items() if k not in _TIMING}
+            for r in state.rounds for e in r.entries]
 
 
 class _FailingCompile(search.CandidateTrainer):

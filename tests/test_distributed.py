@@ -193,8 +193,7 @@ def _done(workdir: pathlib.Path) -> int:
         state = search.load_state(workdir)
     except search.StateError:
         return 0
-    return 0 if state is None else sum(e["status"] != "pending" for r in state["rounds"]
-                                       for e in r["entries"])
+    return 0 if state is None else len(state.trained_entries())
 
 
 @pytest.mark.slow
@@ -235,7 +234,7 @@ def test_killed_two_process_search_resumes_to_the_single_process_result(tmp_path
         assert r["accuracy"] == pytest.approx(e["accuracy"], abs=1 / 64 + 1e-9)
     from memnas_jax import controller, search
     state = search.load_state(workdir)
-    assert [r["mode"] for r in state["rounds"]][-1] == "controller"
-    assert (workdir / state["controller"]["path"] / controller.PARAMS_FILE).exists()
+    assert state.rounds[-1].mode == "controller"
+    assert (workdir / state.controller.path / controller.PARAMS_FILE).exists()
     assert not (tmp_path / "one" / "candidate_checkpoints").exists() or not any(
         (tmp_path / "one" / "candidate_checkpoints").iterdir())

@@ -106,8 +106,8 @@ def test_smoke_preset_reads_a_cifar10_subset(data_dir, monkeypatch):
 def _reward_of(record, reference, config):
     return float(memory_efficient_reward(
         record["accuracy"], record["param_bytes"], record["working_bytes"],
-        base_accuracy=reference["accuracy"], base_param_memory=reference["param_bytes"],
-        base_working_memory=reference["working_bytes"], config=RewardConfig(**config.reward)))
+        base_accuracy=reference.accuracy, base_param_memory=reference.param_bytes,
+        base_working_memory=reference.working_bytes, config=RewardConfig(**config.reward)))
 
 
 def _check_records(records, state, config, image_size):
@@ -125,7 +125,7 @@ def _check_records(records, state, config, image_size):
         assert r["status"] == "ok" and r["epochs_done"] == 2
         assert r["accuracy"] * 64 == pytest.approx(round(r["accuracy"] * 64), abs=1e-9)
         assert r["train_seconds"] > 0 and r["compile_seconds"] > 0
-        reference = state["rounds"][r["round"]]["reference"]
+        reference = state.rounds[r["round"]].reference
         assert r["reward"] == pytest.approx(_reward_of(r, reference, config), rel=1e-12)
 
 
@@ -142,7 +142,7 @@ def test_main_trains_and_reports_round0(round0_workdir):
     workdir = round0_workdir
     config = _parse(f"--config={CIFAR_CONFIG}:test", "--config.search.max_rounds=1")
     state = search.load_state(workdir)
-    assert state["stop_reason"] == "round cap reached (1 rounds)"
+    assert state.stop_reason == "round cap reached (1 rounds)"
     records = reports.read_candidates(workdir)
     assert [(r["round"], r["index"]) for r in records] == [(0, 0), (0, 1)]
     _check_records(records, state, config, image_size=16)
@@ -176,7 +176,7 @@ def test_main_resumes_refuses_and_allows_a_changed_config(round0_workdir):
         refused.stderr)
     assert "reward.lam: 0.5 -> 0.8" in refused.stderr and "--allow_config_change" in refused.stderr
     _run_main("cifar10_search.py", *argv, "--config.reward.lam=0.8", "--allow_config_change")
-    assert search.load_state(workdir)["config"]["reward.lam"] == 0.8
+    assert search.load_state(workdir).config["reward.lam"] == 0.8
     assert (workdir / reports.CANDIDATES_FILE).read_text() == before
 
 
@@ -224,21 +224,21 @@ def test_real_search_with_a_controller_round(whole_search):
     workdir, _ = whole_search
     config = _parse(f"--config={CIFAR_CONFIG}:test")
     state = search.load_state(workdir)
-    assert state["status"] == "finished"
-    assert state["stop_reason"] == "round cap reached (3 rounds)"
-    assert [r["mode"] for r in state["rounds"]] == ["sampled", "sampled", "controller"]
-    assert [len(r["entries"]) for r in state["rounds"]] == [2, 2, 2]
-    assert state["num_trained"] == 6
+    assert state.status == "finished"
+    assert state.stop_reason == "round cap reached (3 rounds)"
+    assert [r.mode for r in state.rounds] == ["sampled", "sampled", "controller"]
+    assert [len(r.entries) for r in state.rounds] == [2, 2, 2]
+    assert state.num_trained == 6
     # The controller fitted after round 1 on the 4 candidates of rounds 0-1 ranked round 2:
     # its trained entries are its top 2 by predicted score, best first.
-    assert state["controller"]["round"] == 1
-    assert (workdir / state["controller"]["path"] / "controller.json").exists()
-    r2 = state["rounds"][2]
-    assert r2["controller_round"] == 1 and r2["num_generated"] > 2
-    scores = [e["predicted_score"] for e in r2["entries"]]
+    assert state.controller.round == 1
+    assert (workdir / state.controller.path / "controller.json").exists()
+    r2 = state.rounds[2]
+    assert r2.controller_round == 1 and r2.num_generated > 2
+    scores = [e.predicted_score for e in r2.entries]
     assert None not in scores and scores == sorted(scores, reverse=True)
-    for previous, rnd in zip(state["rounds"], state["rounds"][1:]):
-        assert rnd["base"]["hash"] == previous["winner"]
+    for previous, rnd in zip(state.rounds, state.rounds[1:]):
+        assert rnd.base.hash == previous.winner
 
     records = reports.read_candidates(workdir)
     assert [r["round"] for r in records] == [0, 0, 1, 1, 2, 2]
@@ -248,7 +248,7 @@ def test_real_search_with_a_controller_round(whole_search):
 
     best = json.loads((workdir / reports.BEST_FILE).read_text())
     assert best["rounds_done"] == 3 and best["best"]["round"] == 2
-    assert best["best"]["hash"] == state["rounds"][2]["winner"]
+    assert best["best"]["hash"] == state.rounds[2].winner
     board = (workdir / reports.LEADERBOARD_FILE).read_text()
     assert "Finished: round cap reached (3 rounds)." in board
     assert [line.split(" | ")[1] for line in board.splitlines()
@@ -306,7 +306,7 @@ def _trained(workdir: pathlib.Path) -> int:
         return 0
     if state is None:
         return 0
-    return sum(e["status"] != "pending" for r in state["rounds"] for e in r["entries"])
+    return len(state.trained_entries())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,12 +331,12 @@ def whole_packed_search(tmp_path_factory):
 def test_packed_search_runs_end_to_end(whole_packed_search):
     workdir, _ = whole_packed_search
     state = search.load_state(workdir)
-    assert state["status"] == "finished" and state["num_trained"] == 6
-    for rnd in state["rounds"]:
-        assert rnd["packing"] == {"pack_size": 2, "selection": "select"}
-        assert all(e["status"] == "ok" for e in rnd["entries"])
+    assert state.status == "finished" and state.num_trained == 6
+    for rnd in state.rounds:
+        assert rnd.packing == search.Packing(pack_size=2, selection="select")
+        assert all(e.status == "ok" for e in rnd.entries)
         # The round's one compile is charged to its first pack; every candidate trained.
-        assert sum(e["compile_seconds"] > 0 for e in rnd["entries"]) == 2
+        assert sum(e.compile_seconds > 0 for e in rnd.entries) == 2
     records = reports.read_candidates(workdir)
     assert [r["round"] for r in records] == [0, 0, 1, 1, 2, 2]
 

@@ -1,5 +1,6 @@
 """Search reports: records, Pareto front, markdown, plots and TensorBoard events from a state."""
 
+import dataclasses
 import json
 import pathlib
 import struct
@@ -22,25 +23,24 @@ def _config():
     return config
 
 
-def _state() -> dict:
+def _state() -> search.SearchState:
     """Two rounds planned by the search code, with set results: round 0 all trained (one failed),
     round 1 half trained (still running)."""
     config = _config()
     r0 = search.plan_round(0, None, config, SKELETON, None, None)
-    for e, (status, acc) in zip(r0["entries"], [("ok", 0.50), ("failed", None), ("ok", 0.75),
-                                                 ("ok", 0.625)]):
-        e.update(status=status, accuracy=acc, train_seconds=1.5, compile_seconds=0.5,
-                 images_per_second=100.0, message="" if acc else "boom")
-    search.select_winner(r0, config)
-    r0["phase"] = "done"
-    winner = next(e for e in r0["entries"] if e["hash"] == r0["winner"])
-    r1 = search.plan_round(1, dict(winner, round=0), config, SKELETON, None, None)
-    for e, acc in zip(r1["entries"][:2], (0.875, 0.5)):
-        e.update(status="ok", accuracy=acc, train_seconds=2.0, compile_seconds=1.0,
-                 images_per_second=50.0)
-    return dict(config={}, config_hash="abc", status="running", stop_reason=None,
-                rounds=[r0, r1], controller=None, num_trained=6,
-                summary={"lambda": 0.5})
+    for i, (status, acc) in enumerate([("ok", 0.50), ("failed", None), ("ok", 0.75),
+                                       ("ok", 0.625)]):
+        r0 = r0.with_entry(i, dataclasses.replace(
+            r0.entries[i], status=status, accuracy=acc, train_seconds=1.5, compile_seconds=0.5,
+            images_per_second=100.0, message="" if acc else "boom"))
+    r0 = dataclasses.replace(search.select_winner(r0, config), phase="done")
+    r1 = search.plan_round(1, search.Base.of(r0.winner_entry, 0), config, SKELETON, None, None)
+    for i, acc in enumerate((0.875, 0.5)):
+        r1 = r1.with_entry(i, dataclasses.replace(
+            r1.entries[i], status="ok", accuracy=acc, train_seconds=2.0, compile_seconds=1.0,
+            images_per_second=50.0))
+    return search.SearchState(config={}, config_hash="abc", rounds=(r0, r1), num_trained=6,
+                              summary={"lambda": 0.5})
 
 
 def test_pareto_front():
@@ -61,7 +61,7 @@ def test_records_winner_and_best():
     r0_winner = records[2]
     assert r0_winner["accuracy"] == 0.75  # round 0: the most accurate
     # Round 0 rewards are relative to the medians of its successful candidates.
-    assert state["rounds"][0]["reference"]["accuracy"] == 0.625
+    assert state.rounds[0].reference.accuracy == 0.625
     assert records[1]["reward"] is None and records[1]["message"] == "boom"
     assert all(r["base_hash"] == r0_winner["hash"] for r in records[4:])
     assert set(records[0]) >= {"architecture", "param_bytes", "working_bytes", "total_bytes",
@@ -88,10 +88,13 @@ def test_best_json_lists_the_pareto_front():
     assert best["best_on_pareto_front"] is True
     # A round-1 candidate more accurate than the round-0 winner at less memory dominates it.
     winner = reports.winners(state)[0]
-    state["rounds"][1]["entries"][0]["total_bytes"] = winner["total_bytes"] - 1
+    r1 = state.rounds[1]
+    r1 = r1.with_entry(0, dataclasses.replace(r1.entries[0],
+                                              total_bytes=winner["total_bytes"] - 1))
+    state = state.with_round(r1)
     best = reports.best_record(state)
     assert best["best_on_pareto_front"] is False
-    assert best["pareto_front"][0]["hash"] == state["rounds"][1]["entries"][0]["hash"]
+    assert best["pareto_front"][0]["hash"] == r1.entries[0].hash
     assert "It is not on the Pareto front" in reports.leaderboard_markdown(state)
 
 

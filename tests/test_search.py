@@ -7,6 +7,7 @@ training, a controller-ranked round, SIGKILL and resume).
 """
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -19,7 +20,6 @@ import pytest
 
 from memnas_jax import controller as controller_lib
 from memnas_jax import reports, search
-from memnas_jax.encoding import from_json
 from memnas_jax.errors import ConfigError
 from memnas_jax.grow_trim import generate_candidates, initial_candidates
 from memnas_jax.memory import memory_report
@@ -102,7 +102,6 @@ def _state(workdir):
 def test_derive_seed_is_a_pure_function_of_its_parts():
     assert search.derive_seed(0, "train", "abc") == search.derive_seed(0, "train", "abc")
     assert search.derive_seed(0, "train", "abc") != search.derive_seed(1, "train", "abc")
-    import hashlib
     expected = int.from_bytes(hashlib.sha256(b"7/controller/3").digest()[:4], "little")
     assert search.derive_seed(7, "controller", 3) == expected & 0x7FFFFFFF
 
@@ -127,73 +126,73 @@ def test_rounds_select_by_reward_against_the_previous_winner(tmp_path):
     trainer = ScriptedTrainer()
     result = search.run_search(config, tmp_path, train_fn=trainer)
     state = _state(tmp_path)
-    assert state["status"] == "finished" and result.finished
+    assert state.status == "finished" and result.finished
     reward_config = RewardConfig(**config.reward)
     base = None
-    for rnd in state["rounds"]:
-        entries = rnd["entries"]
+    for rnd in state.rounds:
+        entries = rnd.entries
         # The plan: the seeded sample of the grow-trim pool of the previous winner.
-        options = search.grow_trim_options(config, rnd["round"])
+        options = search.grow_trim_options(config, rnd.round)
         pool = (initial_candidates(5, options) if base is None
-                else generate_candidates(from_json(base["architecture"]), options))
-        chosen = search.seeded_sample([c.arch_hash for c in pool], 4, config.seed, rnd["round"])
-        assert [e["hash"] for e in entries] == [pool[i].arch_hash for i in chosen]
-        assert rnd["num_generated"] == len(pool)
-        assert (rnd["base"] or {}).get("hash") == (base or {}).get("hash")
+                else generate_candidates(base.architecture, options))
+        chosen = search.seeded_sample([c.arch_hash for c in pool], 4, config.seed, rnd.round)
+        assert [e.hash for e in entries] == [pool[i].arch_hash for i in chosen]
+        assert rnd.num_generated == len(pool)
+        assert (rnd.base and rnd.base.hash) == (base and base.hash)
         for e in entries:
-            arch = from_json(e["architecture"])
-            key = search.candidate_key(config.seed, e["hash"])
-            assert e["accuracy"] == trainer.accuracy(arch, key)
-        ref = rnd["reference"]
+            arch = e.architecture
+            key = search.candidate_key(config.seed, e.hash)
+            assert e.accuracy == trainer.accuracy(arch, key)
+        ref = rnd.reference
         if base is None:  # round 0: median reference, winner = most accurate
-            assert ref["accuracy"] == float(np.median([e["accuracy"] for e in entries]))
-            winner = max(entries, key=lambda e: e["accuracy"])
+            assert ref.accuracy == float(np.median([e.accuracy for e in entries]))
+            winner = max(entries, key=lambda e: e.accuracy)
         else:
-            assert (ref["accuracy"], ref["param_bytes"], ref["working_bytes"]) == (
-                base["accuracy"], base["param_bytes"], base["working_bytes"])
-            winner = max(entries, key=lambda e: e["reward"])
+            assert (ref.accuracy, ref.param_bytes, ref.working_bytes) == (
+                base.accuracy, base.param_bytes, base.working_bytes)
+            winner = max(entries, key=lambda e: e.reward)
         for e in entries:
             expected = memory_efficient_reward(
-                e["accuracy"], e["param_bytes"], e["working_bytes"],
-                base_accuracy=ref["accuracy"], base_param_memory=ref["param_bytes"],
-                base_working_memory=ref["working_bytes"], config=reward_config)
-            assert e["reward"] == pytest.approx(float(expected), rel=1e-12)
-        if base is not None and winner["reward"] <= 0:
-            assert rnd["winner"] is None
-            assert "improves on its base" in state["stop_reason"]
+                e.accuracy, e.param_bytes, e.working_bytes,
+                base_accuracy=ref.accuracy, base_param_memory=ref.param_bytes,
+                base_working_memory=ref.working_bytes, config=reward_config)
+            assert e.reward == pytest.approx(float(expected), rel=1e-12)
+        if base is not None and winner.reward <= 0:
+            assert rnd.winner is None
+            assert "improves on its base" in state.stop_reason
             break
-        assert rnd["winner"] == winner["hash"]
+        assert rnd.winner == winner.hash
         base = winner
     else:
-        assert state["stop_reason"] == "round cap reached (4 rounds)"
-    assert result.arch_hash == base["hash"]
-    assert result.accuracy == base["accuracy"]
+        assert state.stop_reason == "round cap reached (4 rounds)"
+    assert result.arch_hash == base.hash
+    assert result.accuracy == base.accuracy
     assert len(trainer.calls) == result.num_trained == sum(
-        len(r["entries"]) for r in state["rounds"])
+        len(r.entries) for r in state.rounds)
     assert result.architecture.canonical_hash() == result.arch_hash
 
 
 def test_round0_median_reward_selection_and_memory_of_entries(tmp_path):
     config = _config(max_rounds=1, round0_selection="median_reward", full_train_cap=6)
     search.run_search(config, tmp_path, train_fn=ScriptedTrainer())
-    rnd = _state(tmp_path)["rounds"][0]
-    assert rnd["winner"] == max(rnd["entries"], key=lambda e: e["reward"])["hash"]
+    rnd = _state(tmp_path).rounds[0]
+    assert rnd.winner == max(rnd.entries, key=lambda e: e.reward).hash
     # Memory figures are memory_report's, on the skeleton sized to the data (16 px, 4 classes).
     from memnas_jax.space import cifar_skeleton
     skeleton = cifar_skeleton(4, num_classes=4).replace(image_size=16)
-    for e in rnd["entries"]:
-        report = memory_report(from_json(e["architecture"]), skeleton)
-        assert (e["param_bytes"], e["working_bytes"], e["total_bytes"]) == (
+    for e in rnd.entries:
+        report = memory_report(e.architecture, skeleton)
+        assert (e.param_bytes, e.working_bytes, e.total_bytes) == (
             report.param_bytes, report.working_bytes, report.total_bytes)
-    assert rnd["reference"]["kind"] == "median of round 0"
+    assert rnd.reference.kind == "median of round 0"
 
 
 def test_cell_cap_stops_the_search(tmp_path):
     config = _config(max_rounds=10, max_cells=2, stop_when_no_improvement=False)
     result = search.run_search(config, tmp_path, train_fn=ScriptedTrainer())
     state = _state(tmp_path)
-    assert state["stop_reason"] == "cell cap reached (2 cells per block)"
-    assert min(state["rounds"][-1]["entries"][0]["cells_per_block"]) <= 2
+    assert state.stop_reason == "cell cap reached (2 cells per block)"
+    assert min(state.rounds[-1].entries[0].cells_per_block) <= 2
     assert result.architecture.cells_per_block == (2,) * 5
 
 
@@ -207,19 +206,19 @@ def test_memory_budget_drops_candidates_before_training(tmp_path):
     trainer = ScriptedTrainer()
     search.run_search(config, tmp_path, train_fn=trainer)
     state = _state(tmp_path)
-    r0 = state["rounds"][0]
+    r0 = state.rounds[0]
     within = sum(t <= totals[4] for t in totals)
-    assert r0["num_generated"] == 9 and len(r0["entries"]) == within
-    assert r0["num_over_budget"] == 9 - within
-    trained = {e["hash"]: e for r in state["rounds"] for e in r["entries"]}
+    assert r0.num_generated == 9 and len(r0.entries) == within
+    assert r0.num_over_budget == 9 - within
+    trained = {e.hash: e for r in state.rounds for e in r.entries}
     assert set(trainer.calls) <= set(trained)
-    assert all(e["total_bytes"] <= totals[4] for e in trained.values())
+    assert all(e.total_bytes <= totals[4] for e in trained.values())
 
     config.memory.budget_mb = totals[0] / 2e6  # nothing fits
     search.run_search(config, tmp_path / "none", train_fn=trainer)
     state = _state(tmp_path / "none")
-    assert state["stop_reason"] == "no candidate of round 0 is within the memory budget"
-    assert state["rounds"][0]["num_over_budget"] == 9
+    assert state.stop_reason == "no candidate of round 0 is within the memory budget"
+    assert state.rounds[0].num_over_budget == 9
 
 
 def test_failed_and_diverged_candidates_are_recorded_and_the_search_goes_on(tmp_path):
@@ -229,13 +228,13 @@ def test_failed_and_diverged_candidates_are_recorded_and_the_search_goes_on(tmp_
     outcomes = {planned[0]: "failed", planned[2]: "diverged"}
     result = search.run_search(config, tmp_path, train_fn=ScriptedTrainer(outcomes))
     state = _state(tmp_path)
-    r0 = state["rounds"][0]
-    assert [e["status"] for e in r0["entries"]] == ["failed", "ok", "diverged", "ok"]
-    for e in r0["entries"][::2]:
-        assert e["accuracy"] is None and e["reward"] is None
-        assert e["message"] == f"scripted {e['status']}"
-    assert r0["winner"] in planned[1::2]
-    assert len(state["rounds"]) >= 2 and result.finished
+    r0 = state.rounds[0]
+    assert [e.status for e in r0.entries] == ["failed", "ok", "diverged", "ok"]
+    for e in r0.entries[::2]:
+        assert e.accuracy is None and e.reward is None
+        assert e.message == f"scripted {e.status}"
+    assert r0.winner in planned[1::2]
+    assert len(state.rounds) >= 2 and result.finished
     records = reports.read_candidates(tmp_path)
     assert [r["status"] for r in records[:4]] == ["failed", "ok", "diverged", "ok"]
     rows = [line for line in (tmp_path / reports.LEADERBOARD_FILE).read_text().splitlines()
@@ -269,8 +268,8 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path):
             search.run_search(config, workdir, train_fn=trainer)
         calls += trainer.calls
         state = _state(workdir)
-        assert sum(e["status"] != "pending" for r in state["rounds"]
-                   for e in r["entries"]) == stop_at
+        assert sum(e.status != "pending" for r in state.rounds
+                   for e in r.entries) == stop_at
         assert len(reports.read_candidates(workdir)) == stop_at
     trainer = ScriptedTrainer()
     resumed = search.run_search(config, workdir, train_fn=trainer)
@@ -294,7 +293,7 @@ def test_time_budget_stops_between_rounds_and_a_larger_one_continues_exactly(tmp
     stopped = search.run_search(config, tmp_path / "budget", train_fn=ScriptedTrainer())
     assert stopped.finished and stopped.stop_reason.startswith("time budget reached")
     assert "after round 0" in stopped.stop_reason and stopped.num_rounds == 1
-    assert search.load_state(tmp_path / "budget")["elapsed_seconds"] > 0
+    assert search.load_state(tmp_path / "budget").elapsed_seconds > 0
     config.search.time_budget_minutes = 0.0  # a run-only field: no --allow_config_change
     trainer = ScriptedTrainer()
     resumed = search.run_search(config, tmp_path / "budget", train_fn=trainer)
@@ -309,7 +308,7 @@ def test_time_budget_stops_between_rounds_and_a_larger_one_continues_exactly(tmp
 def test_out_of_memory_streak_stops_with_advice_and_a_rerun_retrains_those(tmp_path):
     config = _config(max_rounds=2, full_train_cap=6, max_consecutive_oom=2)
     reference = search.run_search(config, tmp_path / "whole", train_fn=ScriptedTrainer())
-    hashes = [e["hash"] for e in _state(tmp_path / "whole")["rounds"][0]["entries"]]
+    hashes = [e.hash for e in _state(tmp_path / "whole").rounds[0].entries]
     oom = ScriptedTrainer(outcomes={h: "out_of_memory" for h in hashes})
     stopped = search.run_search(config, tmp_path / "oom", train_fn=oom)
     assert len(oom.calls) == 2 and stopped.finished and stopped.architecture is None
@@ -371,8 +370,8 @@ def test_corrupt_controller_is_refitted_on_resume(tmp_path, caplog):
     with pytest.raises(Interrupted):
         search.run_search(config, workdir, train_fn=ScriptedTrainer(interrupt_after=5))
     state = _state(workdir)
-    assert [r["mode"] for r in state["rounds"]][1] == "controller"
-    params = workdir / state["controller"]["path"] / controller_lib.PARAMS_FILE
+    assert [r.mode for r in state.rounds][1] == "controller"
+    params = workdir / state.controller.path / controller_lib.PARAMS_FILE
     params.write_bytes(params.read_bytes()[: len(params.read_bytes()) // 2])
     with caplog.at_level(logging.WARNING):
         resumed = search.run_search(config, workdir, train_fn=ScriptedTrainer())
@@ -398,8 +397,8 @@ def test_a_workdir_refuses_another_config_unless_allowed(tmp_path):
     changed.resume_with_changed_config = True
     result = search.run_search(changed, tmp_path, train_fn=ScriptedTrainer())
     state = _state(tmp_path)
-    assert state["config_changes"] == ["reward.lam: 0.5 -> 0.8"]
-    assert state["config"]["reward.lam"] == 0.8 and result.finished
+    assert state.config_changes == ("reward.lam: 0.5 -> 0.8",)
+    assert state.config["reward.lam"] == 0.8 and result.finished
 
 
 def test_bad_config_values_raise_clear_errors(tmp_path):
@@ -419,15 +418,55 @@ def test_bad_config_values_raise_clear_errors(tmp_path):
 
 
 def test_state_file_round_trip_and_checksum(tmp_path):
-    state = {"rounds": [], "x": [1, 2.5, None, "é"]}
+    state = search.SearchState(config={"x": [1, 2.5, None, "é"]}, config_hash="h")
     search.save_state(state, tmp_path)
-    search.save_state(dict(state, x=[3]), tmp_path)
-    assert search.load_state(tmp_path)["x"] == [3]
+    search.save_state(dataclasses.replace(state, config={"x": [3]}), tmp_path)
+    assert search.load_state(tmp_path).config["x"] == [3]
     text = (tmp_path / search.STATE_FILE).read_text().replace("[3]", "[4]")
     (tmp_path / search.STATE_FILE).write_text(text)  # valid JSON, wrong checksum
-    assert search.load_state(tmp_path)["x"] == [1, 2.5, None, "é"]
+    assert search.load_state(tmp_path) == state
     with pytest.raises(ValueError):  # NaN never reaches a state file
-        search.save_state({"bad": float("nan")}, tmp_path)
+        search.save_state(dataclasses.replace(state, config={"bad": float("nan")}), tmp_path)
+
+
+# A state.json written by main before the state was typed (commit b874009): the scripted search of
+# test_a_state_of_the_previous_main_resumes, killed after 6 candidates (inside round 1).
+V1_STATE = REPO_ROOT / "tests" / "data" / "state_v1_interrupted.json"
+
+
+def test_a_state_of_the_previous_main_resumes(tmp_path):
+    config = _config(max_rounds=4, stop_when_no_improvement=False)
+    reference = search.run_search(config, tmp_path / "whole", train_fn=ScriptedTrainer())
+    # Its JSON form is read back unchanged, field for field.
+    raw = json.loads(V1_STATE.read_text())
+    assert raw["format"] == search.STATE_FORMAT
+    assert search.SearchState.from_json(raw["state"]).to_json() == raw["state"]
+    workdir = tmp_path / "v1"
+    workdir.mkdir()
+    (workdir / search.STATE_FILE).write_text(V1_STATE.read_text())
+    config.resume_with_changed_config = True  # config fields added since only change its hash
+    trainer = ScriptedTrainer()
+    resumed = search.run_search(config, workdir, train_fn=trainer)
+    assert len(trainer.calls) == reference.num_trained - 6
+    assert resumed.winners == reference.winners and resumed.arch_hash == reference.arch_hash
+    assert (_without_timing(reports.read_candidates(workdir))
+            == _without_timing(reports.read_candidates(tmp_path / "whole")))
+
+
+def test_a_state_of_another_format_is_refused_by_name(tmp_path):
+    raw = json.loads(V1_STATE.read_text())
+    raw["format"] = "memnas_jax.search_state/v9"
+    (tmp_path / search.STATE_FILE).write_text(json.dumps(raw))
+    with pytest.raises(search.StateError, match="format is 'memnas_jax.search_state/v9'; this "
+                       "memnas_jax reads 'memnas_jax.search_state/v1'"):
+        search.run_search(_config(), tmp_path, train_fn=ScriptedTrainer())
+    raw["format"] = search.STATE_FORMAT
+    raw["state"]["rounds"][0]["entries"][0]["colour"] = "red"  # checksum fixed below
+    body = json.dumps(raw["state"], sort_keys=True)
+    raw["sha256"] = hashlib.sha256(body.encode()).hexdigest()
+    (tmp_path / search.STATE_FILE).write_text(json.dumps(raw))
+    with pytest.raises(search.StateError, match=r"round 0 entry 0 has unknown fields \['colour'\]"):
+        search.load_state(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,29 +508,28 @@ def test_packed_rounds_record_what_one_by_one_training_gives(tmp_path):
     # Packs of 4 ran out of memory once; the round backed off to 2 and kept that.
     assert trainer.packs[:3] == [4, 2, 2]
     state = _state(tmp_path / "packed")
-    assert state["rounds"][0]["packing"] == {"pack_size": 2, "selection": "select"}
-    assert all(e["compile_seconds"] > 0 for e in state["rounds"][0]["entries"][:2])
+    assert state.rounds[0].packing == search.Packing(pack_size=2, selection="select")
+    assert all(e.compile_seconds > 0 for e in state.rounds[0].entries[:2])
 
 
 def test_packing_choices_and_their_errors(tmp_path):
     config = _config(max_rounds=1)
     search.run_search(config, tmp_path / "auto", train_fn=ScriptedPackTrainer())
     # "auto" on a CPU trains standalone (README, "Packed training"); recorded in the round.
-    assert _state(tmp_path / "auto")["rounds"][0]["packing"] is None
+    assert _state(tmp_path / "auto").rounds[0].packing is None
     # A round trained before packing existed (no record) goes on standalone when resumed.
     state = _state(tmp_path / "auto")
-    rnd = state["rounds"][0]
-    del rnd["packing"]
-    rnd["entries"][1].update(status="pending", accuracy=None, reward=None)
-    state.update(status="running", stop_reason=None)
-    rnd["phase"] = "training"
+    rnd = state.rounds[0]
+    rnd = dataclasses.replace(rnd.with_entry(1, rnd.entries[1].untrained()), phase="training",
+                              packing=None, packing_decided=False)
+    state = dataclasses.replace(state.with_round(rnd), status="running", stop_reason=None)
     search.save_state(state, tmp_path / "auto")
     packed_config = _config(max_rounds=1)
     packed_config.parallel.update(dict(packing="packed", pack_size=2))
     trainer = ScriptedPackTrainer()
     search.run_search(packed_config, tmp_path / "auto", train_fn=trainer)
     assert trainer.packs == [] and len(trainer.calls) == 1
-    assert _state(tmp_path / "auto")["rounds"][0]["packing"] is None
+    assert _state(tmp_path / "auto").rounds[0].packing is None
     config.parallel.packing = "packed"
     with pytest.raises(ConfigError, match="trains one candidate at a time"):
         search.run_search(config, tmp_path / "plain", train_fn=ScriptedTrainer())

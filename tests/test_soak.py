@@ -55,7 +55,7 @@ def test_random_kills_and_terms_end_with_the_uninterrupted_records(tmp_path):
     # Every stop landed in a running search: 15 kills, then 2 graceful stops (exit 75).
     assert outcomes == [-signal.SIGKILL] * KILLS + [preemption.EXIT_PREEMPTED] * TERMS, outcomes
     subprocess.run(_argv(workdir, cache), env=env, check=True, capture_output=True, timeout=900)
-    assert search.load_state(workdir)["status"] == "finished"
+    assert search.load_state(workdir).status == "finished"
     assert (_without_timing(reports.read_candidates(workdir))
             == _without_timing(reports.read_candidates(tmp_path / "whole")))
     print(f"soak outcomes: {outcomes}; uninterrupted search {whole_seconds:.0f} s")

@@ -47,7 +47,8 @@ The package, one job per module:
   that tells whether a work directory may be resumed with a config;
 * `seeds`: every random choice as a pure function of the seed and names;
 * `policy`: the pure rules of a round (what to train, the reference, rewards, the winner, stopping);
-* `state`: the state file (atomic, checksummed, previous copy kept) and the `SearchResult`;
+* `state`: the typed, frozen search state (`Entry` in a `Round` in a `SearchState`), its JSON form
+  and file (atomic, checksummed, previous copy kept, format-versioned), and the `SearchResult`;
 * `trainer`: `CandidateTrainer`, what trains a candidate or a pack (standalone and packed);
 * `training`: a round's candidates trained with it and recorded (standalone, groups or packs);
 * `progress`: the progress bar and the log lines;
@@ -82,8 +83,17 @@ from memnas_jax.search.state import (
     PREV_STATE_FILE,
     STATE_FILE,
     STATE_FORMAT,
+    Base,
+    ControllerFit,
+    ControllerRef,
+    Entry,
+    Packing,
+    Reference,
+    Round,
     SearchResult,
+    SearchState,
     StateError,
+    Winner,
     load_state,
     save_state,
 )
@@ -99,7 +109,9 @@ __all__ = [
     "ACCURACY_METRICS", "AUTO_MAX_PACK", "CANDIDATE_CHECKPOINT_DIR", "CONFIG_FILE",
     "CONTROLLER_DIR", "CONTROLLER_TARGETS", "OOM_STOP", "PACKING_MODES", "PREV_STATE_FILE",
     "ROUND0_SELECTIONS", "RUN_ONLY_FIELDS", "STATE_FILE", "STATE_FORMAT", "TIME_BUDGET_STOP",
-    "CandidateTrainer", "ConfigMismatchError", "SearchResult", "StateError", "TrainFn",
+    "Base", "CandidateTrainer", "ConfigMismatchError", "ControllerFit", "ControllerRef", "Entry",
+    "Packing", "Reference", "Round", "SearchResult", "SearchState", "StateError", "TrainFn",
+    "Winner",
     "candidate_groups", "candidate_key", "check_config", "compile_ahead", "config_fingerprint",
     "controller_config", "controller_vocab_sizes", "default_config", "derive_seed",
     "grow_trim_options", "load_state", "packing_options", "plan_round", "planned_candidates",

@@ -19,7 +19,6 @@ from memnas_jax import controller as controller_lib
 from memnas_jax import data as data_lib
 from memnas_jax import distributed, reports
 from memnas_jax import train as train_lib
-from memnas_jax.encoding import from_json
 from memnas_jax.errors import ConfigError
 from memnas_jax.io import atomic_write
 from memnas_jax.search.config import (
@@ -31,17 +30,19 @@ from memnas_jax.search.config import (
     time_budget_seconds,
     to_plain,
 )
-from memnas_jax.search.policy import (
-    RESULT_FIELDS,
-    base_summary,
-    plan_round,
-    planned_candidates,
-    select_winner,
-    stop_reason,
-    winner_entry,
-)
+from memnas_jax.search.policy import plan_round, planned_candidates, select_winner, stop_reason
 from memnas_jax.search.progress import duration_text, log_round
-from memnas_jax.search.state import CONFIG_FILE, SearchResult, load_state, save_state, search_result
+from memnas_jax.search.state import (
+    CONFIG_FILE,
+    Base,
+    ControllerFit,
+    ControllerRef,
+    SearchResult,
+    SearchState,
+    load_state,
+    save_state,
+    search_result,
+)
 from memnas_jax.search.trainer import CandidateTrainer, TrainFn
 from memnas_jax.search.training import OOM_STOP, RoundTraining
 from memnas_jax.space import Skeleton
@@ -56,7 +57,7 @@ class _Search(RoundTraining):
 
     config: ml_collections.ConfigDict
     workdir: pathlib.Path
-    state: dict
+    state: SearchState  # replaced, never edited, at each step
     skeleton: Skeleton
     train_fn: TrainFn
     writer: bool
@@ -68,7 +69,7 @@ class _Search(RoundTraining):
 
     # ----- persistence
     def save(self, plots: bool = False) -> None:
-        self.state["elapsed_seconds"] = self.elapsed_seconds()
+        self.state = dataclasses.replace(self.state, elapsed_seconds=self.elapsed_seconds())
         if not self.writer:
             return
         save_state(self.state, self.workdir)
@@ -80,25 +81,24 @@ class _Search(RoundTraining):
     def latest_controller(self) -> controller_lib.ControllerState | None:
         """The controller of the newest fit: in memory, else read from the work directory
         (after a resume); an unreadable one is refitted from scratch, with a warning."""
-        info = self.state.get("controller")
+        info = self.state.controller
         if info is None:
             return None
-        if self.controller_state_round != info["round"]:
+        if self.controller_state_round != info.round:
             try:
-                self.controller_state = controller_lib.restore(self.workdir / info["path"])
-                self.controller_state_round = info["round"]
+                self.controller_state = controller_lib.restore(self.workdir / info.path)
+                self.controller_state_round = info.round
             except (OSError, ValueError) as e:
                 logging.warning("controller of round %d unreadable (%s): refitting it on the "
-                                "candidates so far, without its warm start", info["round"], e)
-                self.fit_controller(self.state["rounds"][info["round"]], warm_start=False)
+                                "candidates so far, without its warm start", info.round, e)
+                self.fit_controller(info.round, warm_start=False)
         return self.controller_state
 
     # ----- one round
     def log_plan(self) -> None:
         """The whole run's plan and, once a few candidates have trained here, its duration."""
         counts = planned_candidates(self.state, self.config)
-        trained = sum(e["status"] != "pending" for r in self.state["rounds"]
-                      for e in r["entries"])
+        trained = len(self.state.trained_entries())
         remaining = max(sum(counts) - trained, 0)
         text = (f"plan: up to {len(counts)} rounds, about {sum(counts)} candidates "
                 f"({', '.join(str(c) for c in counts)}) x {self.config.train.epochs} epochs; "
@@ -111,47 +111,48 @@ class _Search(RoundTraining):
         logging.info("%s", text)
 
 
-    def fit_controller(self, rnd: dict, warm_start: bool = True) -> None:
-        """Refits the controller on every successful candidate of the rounds up to `rnd`,
-        warm-started from the previous fit."""
+    def fit_controller(self, round_index: int, warm_start: bool = True) -> None:
+        """Refits the controller on every successful candidate of the rounds up to
+        `round_index`, warm-started from the previous fit."""
         target = self.config.search.controller_target
         tokens, targets, groups = [], [], []
-        for r in self.state["rounds"][:rnd["round"] + 1]:
-            for e in r["entries"]:
-                if e["status"] == "ok" and e["reward"] is not None:
-                    tokens.append(from_json(e["architecture"]).to_tokens())
-                    targets.append(e["reward"] if target == "reward" else e["accuracy"])
-                    groups.append(r["round"] if target == "reward" else 0)
+        for r in self.state.rounds[:round_index + 1]:
+            for e in r.entries:
+                if e.ok and e.reward is not None:
+                    tokens.append(e.architecture.to_tokens())
+                    targets.append(e.reward if target == "reward" else e.accuracy)
+                    groups.append(r.round if target == "reward" else 0)
         if len(tokens) < 2:
             logging.warning("round %d: %d successful candidates so far, too few to fit the "
-                            "controller", rnd["round"], len(tokens))
+                            "controller", round_index, len(tokens))
             return
         start = time.perf_counter()
         fitted = controller_lib.fit(
             tokens, np.asarray(targets), np.asarray(groups),
             init_state=self.latest_controller() if warm_start else None,
-            config=controller_config(self.config, rnd["round"], self.skeleton.num_blocks))
+            config=controller_config(self.config, round_index, self.skeleton.num_blocks))
         # Every process fits the same controller; process 0's copy is the one all use, so a
         # last-bit difference between hosts (GPU atomics) cannot make them plan different rounds.
         fitted = dataclasses.replace(fitted, params=distributed.same_on_all_processes(
             fitted.params))
-        path = pathlib.Path(CONTROLLER_DIR) / f"round_{rnd['round']:03d}"
+        path = pathlib.Path(CONTROLLER_DIR) / f"round_{round_index:03d}"
         if self.writer:
             controller_lib.save(fitted, self.workdir / path, overwrite=True)
         holdout_tau = fitted.holdout_tau if math.isfinite(fitted.holdout_tau) else None
-        rnd["controller_holdout_tau"] = holdout_tau
-        rnd["controller_fit"] = dict(num_candidates=len(tokens), steps=fitted.steps,
-                                     seconds=time.perf_counter() - start)
-        self.state["controller"] = dict(round=rnd["round"], path=str(path))
-        self.controller_state, self.controller_state_round = fitted, rnd["round"]
+        fit = ControllerFit(num_candidates=len(tokens), steps=fitted.steps,
+                            seconds=time.perf_counter() - start)
+        self.set_round(dataclasses.replace(self.state.rounds[round_index], controller_fit=fit,
+                                           controller_holdout_tau=holdout_tau))
+        self.state = dataclasses.replace(self.state, controller=ControllerRef(round_index,
+                                                                              str(path)))
+        self.controller_state, self.controller_state_round = fitted, round_index
         logging.info("round %d: controller fitted on %d candidates in %.1f s (%d steps, "
-                     "held-out Kendall tau %s)", rnd["round"], len(tokens),
+                     "held-out Kendall tau %s)", round_index, len(tokens),
                      time.perf_counter() - start, fitted.steps,
                      "n/a" if holdout_tau is None else f"{holdout_tau:+.3f}")
 
     def finish(self, reason: str) -> None:
-        self.state["status"] = "finished"
-        self.state["stop_reason"] = reason
+        self.state = dataclasses.replace(self.state, status="finished", stop_reason=reason)
         logging.info("search finished: %s", reason)
         self.save(plots=True)
 
@@ -167,76 +168,79 @@ class _Search(RoundTraining):
 
     def run(self) -> None:
         config = self.config
-        while self.state["status"] != "finished":
-            rounds = self.state["rounds"]
-            if rounds and rounds[-1]["phase"] == "done" and self.over_time_budget():
+        while not self.state.finished:
+            rounds = self.state.rounds
+            if rounds and rounds[-1].phase == "done" and self.over_time_budget():
                 # Between rounds, the controller fitted: a larger budget resumes exactly here.
                 self.finish(f"{TIME_BUDGET_STOP} ({time_budget_seconds(config) / 60:g} minutes)"
-                            f" after round {rounds[-1]['round']}, "
+                            f" after round {rounds[-1].round}, "
                             f"{self.elapsed_seconds() / 60:.1f} minutes in")
                 break
-            if not rounds or rounds[-1]["phase"] == "done":
-                r = len(rounds)
-                base = None
-                if rounds:
-                    base = base_summary(winner_entry(rounds[-1]), rounds[-1]["round"])
-                controller_state = (self.latest_controller()
-                                    if r >= config.search.full_train_rounds else None)
-                rnd = plan_round(r, base, config, self.skeleton, controller_state,
-                                 self.state["controller"]["round"] if controller_state else None)
-                rounds.append(rnd)
-                logging.info("round %d: %d candidates generated, %d over the memory budget, "
-                             "%d to train (%s)", r, rnd["num_generated"],
-                             rnd["num_over_budget"], len(rnd["entries"]), rnd["mode"])
-                self.save()
-            rnd = rounds[-1]
-            if rnd["phase"] == "training":
-                self.train_pending(rnd)
+            if not rounds or rounds[-1].phase == "done":
+                self.plan_next_round()
+            if self.current_round.phase == "training":
+                self.train_pending()
                 reason = self.out_of_memory_stop()
                 if reason:  # the round stays in training: a rerun with a smaller batch goes on
                     self.finish(reason)
                     break
-                select_winner(rnd, config)
-                rnd["phase"] = "selected"
-                log_round(rnd)
+                self.set_round(select_winner(self.current_round, config))
+                log_round(self.current_round)
                 self.save()
+            rnd = self.current_round
             reason = stop_reason(self.state, config)
             # The controller is first fitted after the last fully trained round (nothing uses
             # it before), then refitted after every round, warm-started.
-            if (reason is None and rnd["phase"] == "selected"
-                    and rnd["round"] + 1 >= config.search.full_train_rounds):
-                self.fit_controller(rnd)
-            rnd["phase"] = "done"
+            if (reason is None and rnd.phase == "selected"
+                    and rnd.round + 1 >= config.search.full_train_rounds):
+                self.fit_controller(rnd.round)
+            self.set_round(dataclasses.replace(self.current_round, phase="done"))
             if reason is not None:
                 self.finish(reason)
             else:
                 self.save(plots=True)
 
+    def plan_next_round(self) -> None:
+        rounds, config = self.state.rounds, self.config
+        r = len(rounds)
+        base = Base.of(rounds[-1].winner_entry, rounds[-1].round) if rounds else None
+        controller_state = (self.latest_controller()
+                            if r >= config.search.full_train_rounds else None)
+        rnd = plan_round(r, base, config, self.skeleton, controller_state,
+                         self.state.controller.round if controller_state else None)
+        self.set_round(rnd)
+        logging.info("round %d: %d candidates generated, %d over the memory budget, "
+                     "%d to train (%s)", r, rnd.num_generated, rnd.num_over_budget,
+                     len(rnd.entries), rnd.mode)
+        self.save()
+
 
 TIME_BUDGET_STOP = "time budget reached"
 
 
-def _reopen_if_stopped_for_a_retry(state: dict, config: ml_collections.ConfigDict) -> None:
+def _reopen_if_stopped_for_a_retry(state: SearchState, config: ml_collections.ConfigDict
+                                   ) -> SearchState:
     """A finished search that stopped for a reason a rerun can lift runs on: its time budget
     (when the budget is now larger or off), or out-of-memory failures (their candidates of the
     round in flight train again, with the rerun's settings)."""
-    reason, budget = str(state.get("stop_reason")), time_budget_seconds(config)
+    reason, budget = str(state.stop_reason), time_budget_seconds(config)
     if reason.startswith(TIME_BUDGET_STOP):
-        if budget and budget <= state.get("elapsed_seconds", 0.0):
-            return
+        if budget and budget <= state.elapsed_seconds:
+            return state
         logging.info("the search stopped on its time budget; continuing it with %s",
                      f"{budget / 60:g} minutes" if budget else "no budget")
     elif OOM_STOP in reason:
-        retry = [e for e in state["rounds"][-1]["entries"]
-                 if e.get("failure") == "out_of_memory"]
-        for entry in retry:
-            entry.update(RESULT_FIELDS)
-        state["num_trained"] -= len(retry)
+        rnd = state.rounds[-1]
+        retry = [i for i, e in enumerate(rnd.entries) if e.failure == "out_of_memory"]
+        for i in retry:
+            rnd = rnd.with_entry(i, rnd.entries[i].untrained())
+        state = dataclasses.replace(state.with_round(rnd),
+                                    num_trained=state.num_trained - len(retry))
         logging.info("the search stopped on out-of-memory failures: training its %d "
                      "candidates again", len(retry))
     else:
-        return
-    state["status"], state["stop_reason"] = "running", None
+        return state
+    return dataclasses.replace(state, status="running", stop_reason=None)
 
 
 def _summary(config: ml_collections.ConfigDict, skeleton: Skeleton) -> dict:
@@ -278,16 +282,16 @@ def _run_search(config: ml_collections.ConfigDict, workdir: pathlib.Path, writer
                 train_fn: TrainFn | None) -> SearchResult:
     relevant, config_hash = config_fingerprint(config)
     state = load_state(workdir) if workdir.exists() else None
-    if state is not None and state["config_hash"] != config_hash:
-        diff = config_diff(state["config"], relevant)
+    if state is not None and state.config_hash != config_hash:
+        diff = config_diff(state.config, relevant)
         if not config.resume_with_changed_config:
             raise ConfigMismatchError(
                 f"{workdir} holds a search made with a different config ({diff}). Use another "
                 "--workdir, or pass --allow_config_change (config.resume_with_changed_config "
                 "= True) to resume it with the new settings.")
         logging.warning("resuming %s with a changed config: %s", workdir, diff)
-        state.setdefault("config_changes", []).append(diff)
-        state["config"], state["config_hash"] = relevant, config_hash
+        state = dataclasses.replace(state, config=relevant, config_hash=config_hash,
+                                    config_changes=(*state.config_changes, diff))
     dataset = data_lib.load_dataset(config.data)
     if not config.search.evaluate_test:
         dataset = dataclasses.replace(dataset, test=None)
@@ -296,25 +300,22 @@ def _run_search(config: ml_collections.ConfigDict, workdir: pathlib.Path, writer
                          "candidates on: set config.data.validation_size > 0")
     skeleton = train_lib.skeleton_from_config(config, dataset)
     if state is None:
-        state = dict(config=relevant, config_hash=config_hash, status="running",
-                     stop_reason=None, rounds=[], controller=None, num_trained=0)
+        state = SearchState(config=relevant, config_hash=config_hash)
         logging.info("new search in %s: %s; %s", workdir, dataset.describe(), skeleton)
     else:
         logging.info("resuming the search in %s at round %d (%d candidates trained)", workdir,
-                     len(state["rounds"]) - 1, state["num_trained"])
-    state["summary"] = _summary(config, skeleton)
+                     len(state.rounds) - 1, state.num_trained)
+    state = dataclasses.replace(state, summary=_summary(config, skeleton))
     if writer:
         atomic_write(workdir / CONFIG_FILE,
                      json.dumps(to_plain(config), indent=1, sort_keys=True) + "\n")
-    if state["status"] == "finished":
-        _reopen_if_stopped_for_a_retry(state, config)
+    if state.finished:
+        state = _reopen_if_stopped_for_a_retry(state, config)
     search = _Search(config, workdir, state, skeleton,
                      train_fn or CandidateTrainer(config, dataset, workdir), writer,
-                     elapsed_before=float(state.get("elapsed_seconds", 0.0)))
-    if state["status"] == "finished":
+                     elapsed_before=state.elapsed_seconds)
+    if state.finished:
         search.save(plots=True)  # regenerate the outputs, nothing to run
     else:
         search.run()
-    return search_result(state, workdir)
-
-
+    return search_result(search.state, workdir)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from absl import logging
 
 from memnas_jax import reports
-from memnas_jax.search.policy import (
-    winner_entry,
-)
+from memnas_jax.search.state import Entry, Round
 
 
 def duration_text(seconds: float) -> str:
@@ -24,29 +22,29 @@ def progress_bar(total: int, initial: int, description: str, enabled: bool):
                 disable=not enabled, dynamic_ncols=True)
 
 
-def log_entry(rnd: dict, index: int, entry: dict) -> None:
-    where = f"round {rnd['round']} [{index + 1}/{len(rnd['entries'])}] {entry['hash'][:10]}"
-    if entry["status"] != "ok":
-        logging.warning("%s %s: %s (%s)", where, entry["description"], entry["status"].upper(),
-                        entry["message"])
+def log_entry(rnd: Round, index: int, entry: Entry) -> None:
+    where = f"round {rnd.round} [{index + 1}/{len(rnd.entries)}] {entry.hash[:10]}"
+    if not entry.ok:
+        logging.warning("%s %s: %s (%s)", where, entry.description, entry.status.upper(),
+                        entry.message)
         return
-    reward = "" if entry["reward"] is None else f", reward {entry['reward']:+.4f}"
-    reused = ("" if entry["reused_from_round"] is None
-              else f", reused from round {entry['reused_from_round']}")
+    reward = "" if entry.reward is None else f", reward {entry.reward:+.4f}"
+    reused = ("" if entry.reused_from_round is None
+              else f", reused from round {entry.reused_from_round}")
     logging.info("%s %s: accuracy %.2f %%, memory %.3f MB (params %.3f + working %.3f)%s, "
-                 "%.1f s%s", where, entry["description"], 100 * entry["accuracy"],
-                 entry["total_bytes"] / reports.MB, entry["param_bytes"] / reports.MB,
-                 entry["working_bytes"] / reports.MB, reward, entry["train_seconds"], reused)
+                 "%.1f s%s", where, entry.description, 100 * entry.accuracy,
+                 entry.total_bytes / reports.MB, entry.param_bytes / reports.MB,
+                 entry.working_bytes / reports.MB, reward, entry.train_seconds, reused)
 
 
-def log_round(rnd: dict) -> None:
-    w = winner_entry(rnd)
+def log_round(rnd: Round) -> None:
+    w = rnd.winner_entry
     if w is None:
-        logging.info("round %d: no winner (best reward %s)", rnd["round"], rnd["best_reward"])
+        logging.info("round %d: no winner (best reward %s)", rnd.round, rnd.best_reward)
         return
-    tau = rnd["controller_tau"]
+    tau = rnd.controller_tau
     logging.info("round %d winner %s %s: accuracy %.2f %%, memory %.3f MB, reward %+.4f%s",
-                 rnd["round"], w["hash"][:10], w["description"], 100 * w["accuracy"],
-                 w["total_bytes"] / reports.MB, w["reward"],
+                 rnd.round, w.hash[:10], w.description, 100 * w.accuracy,
+                 w.total_bytes / reports.MB, w.reward,
                  "" if tau is None else f"; controller Kendall tau on the trained top-K "
                  f"{tau:+.3f}")

@@ -1,8 +1,9 @@
 """Training a round's candidates: standalone (one at a time, compiled ahead, or in candidate
-groups) or packed (`memnas_jax.packed`), recording each result in the round's entries and saving.
+groups) or packed (`memnas_jax.packed`), recording each result in the round and saving.
 
 `RoundTraining` is the part of the search run (`loop._Search`) that does this; it reads the run's
-`config`, `state`, `skeleton`, `train_fn` and `writer`, and calls its `save`."""
+`config`, `state`, `skeleton`, `train_fn` and `writer`, replaces its `state` with each result and
+calls its `save`."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ import time
 import jax
 from absl import logging
 
-from memnas_jax import candidate_parallel, distributed, preemption, reports
+from memnas_jax import candidate_parallel, distributed, preemption
 from memnas_jax import packed as packed_lib
 from memnas_jax import train as train_lib
 from memnas_jax.compile_ahead import CompileAhead, resolve_depth
-from memnas_jax.encoding import from_json
 from memnas_jax.errors import ConfigError
 from memnas_jax.search.config import (
     candidate_groups,
@@ -25,12 +25,10 @@ from memnas_jax.search.config import (
     packing_options,
     reward_config_of,
 )
-from memnas_jax.search.policy import (
-    entry_reward,
-    round_reference,
-)
+from memnas_jax.search.policy import round_reference, with_reward
 from memnas_jax.search.progress import log_entry, progress_bar
 from memnas_jax.search.seeds import candidate_key
+from memnas_jax.search.state import Entry, Packing, Round
 from memnas_jax.search.trainer import AUTO_MAX_PACK
 from memnas_jax.template import RoundTemplate
 
@@ -41,27 +39,41 @@ OOM_STOP = "candidates in a row ran out of accelerator memory"
 class RoundTraining:
     """Mixin of `loop._Search`: a round's candidates trained and recorded."""
 
-    def train_pending(self, rnd: dict) -> None:
+    @property
+    def current_round(self) -> Round:
+        return self.state.rounds[-1]
+
+    def set_round(self, rnd: Round) -> None:
+        self.state = self.state.with_round(rnd)
+
+    def set_entry(self, index: int, entry: Entry, reward_round: bool = True) -> None:
+        """Records the current round's entry `index`, with its reward when the round's
+        reference is known (rounds >= 1: the base)."""
+        rnd = self.current_round
+        if reward_round and rnd.base is not None:
+            entry = with_reward(entry, round_reference(rnd), reward_config_of(self.config))
+        self.set_round(rnd.with_entry(index, entry))
+
+    def train_pending(self) -> None:
         if not self.seconds_trained:
             self.log_plan()
-        if self.round_packing(rnd) is not None:
-            self.train_pending_packed(rnd)
+        if self.round_packing() is not None:
+            self.train_pending_packed()
             return
-        entries = rnd["entries"]
-        done = sum(e["status"] != "pending" for e in entries)
-        bar = progress_bar(len(entries), done, f"round {rnd['round']} ({rnd['mode']})",
+        rnd = self.current_round
+        bar = progress_bar(len(rnd.entries), rnd.num_trained, f"round {rnd.round} ({rnd.mode})",
                            self.writer and self.config.output.progress_bar)
-        reference = round_reference(rnd) if rnd["base"] is not None else None
-        reward_config = reward_config_of(self.config)
         # With candidate groups, G pending candidates train at once (candidate_parallel); each
         # result is what training it alone gives, so the state after each save is the same as
         # in a one-by-one run and a resume stays exact.
         groups = candidate_groups(self.config)
-        pending = [i for i, e in enumerate(entries) if e["status"] == "pending"]
-        previous = {i: self.previous_result(entries[i]["hash"], rnd["round"]) for i in pending}
-        ahead = CompileAhead(lambda i: self.train_fn.compile(
-            from_json(entries[i]["architecture"]), self.skeleton),
-            [i for i in pending if previous[i] is None], self.compile_ahead_depth())
+        entries = rnd.entries
+        pending = [i for i, e in enumerate(entries) if not e.trained]
+        previous = {i: self.previous_result(entries[i].hash, rnd.round) for i in pending}
+        ahead = CompileAhead(lambda i: self.train_fn.compile(entries[i].architecture,
+                                                             self.skeleton),
+                             [i for i in pending if previous[i] is None],
+                             self.compile_ahead_depth())
         try:
             for start in range(0, len(pending), groups):
                 chunk = pending[start:start + groups]
@@ -70,46 +82,48 @@ class RoundTraining:
                     lambda i: self.train_result(entries[i], ahead.take(i)), to_train, groups)))
                 # Multi-process: all processes finished these candidates (raises if one died,
                 # before any of its collective failures is recorded as a failed candidate).
-                distributed.sync_processes(f"round {rnd['round']} candidates {chunk}")
+                distributed.sync_processes(f"round {rnd.round} candidates {chunk}")
                 for i in chunk:
-                    entry = entries[i]
                     if previous[i] is not None:
-                        self.copy_result(entry, previous[i])
+                        self.set_entry(i, reused_entry(entries[i], *previous[i]))
                     else:
-                        self.record_result(entry, results[i])
-                        self.state["num_trained"] += 1
-                        self.seconds_trained.append(results[i].wall_seconds)
+                        self.set_entry(i, self.recorded_entry(entries[i], results[i]))
+                        self.count_trained(results[i])
                         if self.out_of_memory_stop():
                             return
                         if len(self.seconds_trained) == ESTIMATE_AFTER:
                             self.log_plan()
-                    if reference is not None and entry["status"] == "ok":
-                        entry["reward"] = entry_reward(entry, reference, reward_config)
                     self.save()
-                    log_entry(rnd, i, entry)
+                    log_entry(rnd, i, self.current_round.entries[i])
                     bar.update(1)
                     preemption.check()  # between candidates: the state is saved
-                ok = [e["accuracy"] for e in entries if e["status"] == "ok"]
+                ok = [e.accuracy for e in self.current_round.entries if e.ok]
                 if ok:
                     bar.set_postfix(best_acc=f"{100 * max(ok):.2f}%")
         finally:
             ahead.close()
             bar.close()
 
-    # ----- packed training
-    def round_packing(self, rnd: dict) -> dict | None:
-        """How this round trains: {"pack_size", "selection"} when packed, None standalone.
-        Decided when the round first trains and recorded there, so a resume keeps it. A round
-        that trained candidates without a record (a work directory from before packing) goes
-        on standalone, so one round never mixes the two."""
-        if "packing" not in rnd:
-            started = any(e["status"] != "pending" and e.get("reused_from_round") is None
-                          for e in rnd["entries"])
-            rnd["packing"] = None if started else self.resolve_packing(rnd)
-            self.save()
-        return rnd["packing"]
+    def count_trained(self, result: train_lib.TrainResult) -> None:
+        self.state = dataclasses.replace(self.state, num_trained=self.state.num_trained + 1)
+        self.seconds_trained.append(result.wall_seconds)
 
-    def resolve_packing(self, rnd: dict) -> dict | None:
+    # ----- packed training
+    def round_packing(self) -> Packing | None:
+        """How the current round trains: its `Packing`, or None standalone. Decided when the
+        round first trains and recorded there, so a resume keeps it. A round that trained
+        candidates without a record (a work directory from before packing) goes on standalone,
+        so one round never mixes the two."""
+        rnd = self.current_round
+        if not rnd.packing_decided:
+            started = any(e.trained and e.reused_from_round is None for e in rnd.entries)
+            self.set_round(dataclasses.replace(
+                rnd, packing=None if started else self.resolve_packing(rnd),
+                packing_decided=True))
+            self.save()
+        return self.current_round.packing
+
+    def resolve_packing(self, rnd: Round) -> Packing | None:
         mode, pack_size, selection = packing_options(self.config)
         if mode == "standalone":
             return None
@@ -125,83 +139,82 @@ class RoundTraining:
         on_cpu = jax.default_backend() == "cpu"
         if mode == "auto" and on_cpu:
             return None  # README, "Packed training": a CPU runs the alternatives' FLOPs
-        count = sum(e.get("reused_from_round") is None for e in rnd["entries"])
+        count = sum(e.reused_from_round is None for e in rnd.entries)
         size = pack_size or (1 if on_cpu else min(AUTO_MAX_PACK, max(count, 1)))
-        return dict(pack_size=size, selection=packed_lib.resolve_selection(selection, size))
+        return Packing(pack_size=size, selection=packed_lib.resolve_selection(selection, size))
 
-    def round_template(self, rnd: dict) -> RoundTemplate:
+    def round_template(self, rnd: Round) -> RoundTemplate:
         """The template of every candidate of the round that trains (not the reused ones):
         the same however much of the round a previous run finished."""
-        archs = [from_json(e["architecture"]) for e in rnd["entries"]
-                 if e.get("reused_from_round") is None and not (
-                     e["status"] == "pending" and self.previous_result(e["hash"], rnd["round"]))]
+        archs = [e.architecture for e in rnd.entries
+                 if e.reused_from_round is None and not (
+                     not e.trained and self.previous_result(e.hash, rnd.round))]
         return RoundTemplate.from_architectures(archs, self.skeleton)
 
-    def train_pending_packed(self, rnd: dict) -> None:
-        """Trains the round's pending candidates in packs of `rnd["packing"]["pack_size"]`,
-        saving each pack's results together (a killed run trains the pack in flight again, the
-        same pack, since the packs are cut from the pending candidates in order)."""
-        entries, packing = rnd["entries"], rnd["packing"]
-        reference = round_reference(rnd) if rnd["base"] is not None else None
-        reward_config = reward_config_of(self.config)
-        pending = [i for i, e in enumerate(entries) if e["status"] == "pending"]
+    def set_pack_size(self, size: int) -> None:
+        rnd = self.current_round
+        self.set_round(dataclasses.replace(
+            rnd, packing=dataclasses.replace(rnd.packing, pack_size=size)))
+        self.save()
+
+    def train_pending_packed(self) -> None:
+        """Trains the current round's pending candidates in packs of its pack size, saving each
+        pack's results together (a killed run trains the pack in flight again, the same pack,
+        since the packs are cut from the pending candidates in order)."""
+        rnd = self.current_round
+        entries = rnd.entries
+        pending = [i for i, e in enumerate(entries) if not e.trained]
         bar = progress_bar(len(entries), len(entries) - len(pending),
-                           f"round {rnd['round']} ({rnd['mode']}, packed)",
-                            self.writer and self.config.output.progress_bar)
+                           f"round {rnd.round} ({rnd.mode}, packed)",
+                           self.writer and self.config.output.progress_bar)
         template = self.round_template(rnd)
 
         def finish_entry(i: int) -> None:
-            entry = entries[i]
-            if reference is not None and entry["status"] == "ok":
-                entry["reward"] = entry_reward(entry, reference, reward_config)
-            log_entry(rnd, i, entry)
+            log_entry(rnd, i, self.current_round.entries[i])
             bar.update(1)
 
         try:
             to_train = []
             for i in pending:  # results met in earlier rounds first
-                previous = self.previous_result(entries[i]["hash"], rnd["round"])
+                previous = self.previous_result(entries[i].hash, rnd.round)
                 if previous is None:
                     to_train.append(i)
                     continue
-                self.copy_result(entries[i], previous)
+                self.set_entry(i, reused_entry(entries[i], *previous))
                 self.save()
                 finish_entry(i)
             programs = None
             while to_train:
-                size = packing["pack_size"]
+                packing = self.current_round.packing
+                size = packing.pack_size
                 chunk = to_train[:size]
-                archs = [from_json(entries[i]["architecture"]) for i in chunk]
-                keys = [candidate_key(self.config.seed, entries[i]["hash"]) for i in chunk]
+                archs = [entries[i].architecture for i in chunk]
+                keys = [candidate_key(self.config.seed, entries[i].hash) for i in chunk]
                 compile_seconds = 0.0
                 try:
                     if programs is None or programs.pack_size != size:
-                        programs = self.train_fn.compile_pack(template, size,
-                                                              packing["selection"])
+                        programs = self.train_fn.compile_pack(template, size, packing.selection)
                         compile_seconds = programs.compile_seconds
                 except Exception as e:  # recorded, search goes on
                     results = [train_lib.failed_result(e, time.perf_counter()) for _ in chunk]
                 else:
                     if programs.pack_size != size:  # sized down to the device's memory
-                        packing["pack_size"] = programs.pack_size
-                        self.save()
+                        self.set_pack_size(programs.pack_size)
                         continue
                     results = self.train_fn.train_pack(archs, self.skeleton, keys, programs)
                     share = compile_seconds / len(chunk)  # the round's compile, on its 1st pack
                     results = [dataclasses.replace(r, compile_seconds=share,
                                                    wall_seconds=r.wall_seconds + share)
                                for r in results]
-                distributed.sync_processes(f"round {rnd['round']} pack {chunk}")
+                distributed.sync_processes(f"round {rnd.round} pack {chunk}")
                 if size > 1 and all(r.failure == "out_of_memory" for r in results):
-                    packing["pack_size"] = size // 2  # back off; the same candidates again
                     logging.warning("a pack of %d ran out of device memory: packs of %d from "
                                     "now on", size, size // 2)
-                    self.save()
+                    self.set_pack_size(size // 2)  # back off; the same candidates again
                     continue
                 for i, result in zip(chunk, results):
-                    self.record_result(entries[i], result)
-                    self.state["num_trained"] += 1
-                    self.seconds_trained.append(result.wall_seconds)
+                    self.set_entry(i, self.recorded_entry(entries[i], result))
+                    self.count_trained(result)
                 self.save()  # the pack's results together
                 for i in chunk:
                     finish_entry(i)
@@ -217,10 +230,10 @@ class RoundTraining:
         out of device memory (counted over the state, so a resume keeps the streak)."""
         limit = self.config.search.get("max_consecutive_oom", 0)
         streak = 0
-        for _, entry in reports.trained_entries(self.state):
-            if entry.get("reused_from_round") is not None:
+        for _, entry in self.state.trained_entries():
+            if entry.reused_from_round is not None:
                 continue
-            streak = streak + 1 if entry.get("failure") == "out_of_memory" else 0
+            streak = streak + 1 if entry.failure == "out_of_memory" else 0
         if not limit or streak < limit:
             return None
         return (f"{streak} {OOM_STOP}: the setting, not "
@@ -236,47 +249,48 @@ class RoundTraining:
             return 0
         return resolve_depth(compile_ahead(self.config))
 
-    def previous_result(self, arch_hash: str, round_index: int) -> tuple[int, dict] | None:
+    def previous_result(self, arch_hash: str, round_index: int) -> tuple[int, Entry] | None:
+        """(round, entry) of the first earlier result of this architecture, when
+        `search.reuse_trained`."""
         if not self.config.search.reuse_trained:
             return None
-        for rnd in self.state["rounds"]:
-            if rnd["round"] >= round_index:
-                break
-            for e in rnd["entries"]:
-                if e["hash"] == arch_hash and e["status"] != "pending":
-                    return rnd["round"], e
+        for rnd in self.state.rounds[:round_index]:
+            for e in rnd.entries:
+                if e.hash == arch_hash and e.trained:
+                    return rnd.round, e
         return None
 
-    @staticmethod
-    def copy_result(entry: dict, previous: tuple[int, dict]) -> None:
-        round_index, source = previous
-        for key in ("status", "accuracy", "final_val_accuracy", "test_accuracy",
-                    "best_val_epoch", "epochs_done", "message", "failure"):
-            entry[key] = source.get(key)
-        entry.update(train_seconds=0.0, compile_seconds=0.0, images_per_second=0.0,
-                     reused_from_round=source["reused_from_round"] if source[
-                         "reused_from_round"] is not None else round_index)
-
-    def train_result(self, entry: dict, programs=None):
+    def train_result(self, entry: Entry, programs=None) -> train_lib.TrainResult:
         """Trains an entry's candidate (thread-safe: reads the entry, changes nothing), with its
         programs when they were compiled ahead."""
-        arch = from_json(entry["architecture"])
         extra = {} if programs is None else {"programs": programs}
-        return self.train_fn(arch, self.skeleton, candidate_key(self.config.seed, entry["hash"]),
-                             **extra)
+        return self.train_fn(entry.architecture, self.skeleton,
+                             candidate_key(self.config.seed, entry.hash), **extra)
 
-    def record_result(self, entry: dict, result) -> None:
-        accuracy = getattr(result, self.config.search.accuracy_metric)
-        status = result.status
-        message = result.message
+    def recorded_entry(self, entry: Entry, result: train_lib.TrainResult) -> Entry:
+        """The entry with `result` (a result without a finite accuracy counts as failed)."""
+        metric = self.config.search.accuracy_metric
+        accuracy, status, message = getattr(result, metric), result.status, result.message
         if status == "ok" and (accuracy is None or not math.isfinite(accuracy)):
             status = "failed"
-            message = (f"no {self.config.search.accuracy_metric} in the training result; "
-                       + message).strip("; ")
-        entry.update(
-            status=status, accuracy=accuracy if status == "ok" else None,
+            message = f"no {metric} in the training result; {message}".strip("; ")
+        return dataclasses.replace(
+            entry, status=status, accuracy=accuracy if status == "ok" else None,
             final_val_accuracy=result.final_val_accuracy, test_accuracy=result.test_accuracy,
             best_val_epoch=result.best_val_epoch, epochs_done=result.epochs_done,
             train_seconds=result.wall_seconds, compile_seconds=result.compile_seconds,
             images_per_second=result.images_per_second, message=message,
             failure=(getattr(result, "failure", "") or "error") if status == "failed" else None)
+
+
+_COPIED_FIELDS = ("status", "accuracy", "final_val_accuracy", "test_accuracy", "best_val_epoch",
+                  "epochs_done", "message", "failure")
+
+
+def reused_entry(entry: Entry, round_index: int, source: Entry) -> Entry:
+    """The entry with the result its architecture got in round `round_index`."""
+    return dataclasses.replace(
+        entry, **{k: getattr(source, k) for k in _COPIED_FIELDS}, train_seconds=0.0,
+        compile_seconds=0.0, images_per_second=0.0,
+        reused_from_round=(source.reused_from_round if source.reused_from_round is not None
+                           else round_index))
