@@ -106,8 +106,7 @@ def _train_and_report(config, workdir: pathlib.Path, arch) -> int:
     if arch is not None:
         skeleton = train.skeleton_from_config(config, dataset)
         logging.info("architecture:\n%s", arch)
-        model = MemNASNetwork(arch, skeleton, depthwise_impl=train.resolve_depthwise_impl(
-            config.depthwise_impl), dtype=dtype)
+        model = train.candidate_network(arch, config, dataset, skeleton)
         # The memory accounting at float32 with XLA's own depthwise op, as for the baselines.
         measured = MemNASNetwork(arch, skeleton, depthwise_impl="xla")
         name, kind = f"searched {arch.canonical_hash()[:10]}", "searched"
@@ -115,8 +114,7 @@ def _train_and_report(config, workdir: pathlib.Path, arch) -> int:
         model = baselines.baseline_model(_BASELINE.value, dataset.num_classes, dtype)
         measured = baselines.baseline_model(_BASELINE.value, dataset.num_classes)
         name, kind = _BASELINE.value, "baseline"
-    result = train.train_candidate(None, config, dataset, jax.random.PRNGKey(_SEED.value),
-                                   model=model)
+    result = train.train_model(model, config, dataset, jax.random.PRNGKey(_SEED.value))
     mem = dict(accounting.measure(measured, dataset.image_shape).to_dict(), batch_size=1)
 
     report = {"name": name, "kind": kind, "config": config.to_dict(),

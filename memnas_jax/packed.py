@@ -52,6 +52,9 @@ from memnas_jax.template_network import (
     template_shapes,
     unflatten_paths,
 )
+from memnas_jax.train.evaluate import eval_arrays, eval_splits
+from memnas_jax.train.programs import flops_per_image, host_device, key_shape
+from memnas_jax.train.steps import epoch_keys, permutation
 
 
 def resolve_selection(name: str, pack_size: int) -> str:
@@ -115,7 +118,7 @@ class _Steps:
         b = self.batch_size
 
         def one(state, loss_sum, active, code, steps, images, labels):
-            key = jax.random.fold_in(train_lib._epoch_keys(state.rng, state.epoch)[1], steps)
+            key = jax.random.fold_in(epoch_keys(state.rng, state.epoch)[1], steps)
             x = data_lib.augment_batch(key, images, mean=self.mean, std=self.std,
                                        crop_padding=self.augment[0], flip=self.augment[1],
                                        cutout_length=self.augment[2])
@@ -218,7 +221,7 @@ def compile_packed(template: RoundTemplate, config: ml_collections.ConfigDict,
                    (config.augment.crop_padding, config.augment.flip, config.augment.cutout),
                    config.label_smoothing, config.batch_size, vmapped=selection == "select")
     repl = sharding.replicated(mesh)
-    host = jax.sharding.SingleDeviceSharding(train_lib._host_device())
+    host = jax.sharding.SingleDeviceSharding(host_device())
     k = pack_size
 
     def abstract(tree, sharding_):
@@ -226,7 +229,7 @@ def compile_packed(template: RoundTemplate, config: ml_collections.ConfigDict,
             x.shape, jax.dtypes.canonicalize_dtype(x.dtype), sharding=sharding_), tree)
     codes = abstract(template.codes([None] * k), host)
     shapes = abstract(_real_shape_arrays(module, [None] * k), host)
-    keys = jax.ShapeDtypeStruct((k, *train_lib._key_shape()), jnp.uint32, sharding=host)
+    keys = jax.ShapeDtypeStruct((k, *key_shape()), jnp.uint32, sharding=host)
     init_fn = steps.init((1, *data.image_shape))
     init = jax.jit(init_fn, out_shardings=host).lower(keys, shapes, codes).compile(
         compiler_options={"xla_backend_optimization_level": 0})
@@ -253,7 +256,7 @@ def compile_packed(template: RoundTemplate, config: ml_collections.ConfigDict,
             jax.ShapeDtypeStruct(shape, jnp.int32, sharding=split),
             jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=split)).compile(
                 train_lib.compiler_options(config.get("eval_compiler_options", "")))
-    flops = train_lib._flops_per_image(train_step, mesh, config.batch_size * k)
+    flops = flops_per_image(train_step, mesh, config.batch_size * k)
     return PackedPrograms(module, k, init, train_step, eval_step,
                           time.perf_counter() - start, flops, steps_per_epoch, mesh)
 
@@ -324,7 +327,7 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
     module, mesh, k, n = programs.module, programs.mesh, programs.pack_size, len(archs)
     padded = archs + [archs[0]] * (k - n)
     keys = np.stack([_raw_key(r) for r in rngs] + [_raw_key(rngs[0])] * (k - n))
-    host = train_lib._host_device()
+    host = host_device()
     codes_host = _codes(template, archs, k)
     if initial_variables is None:
         shapes = jax.device_put(_real_shape_arrays(module, padded), host)
@@ -352,7 +355,7 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
         epoch_start = time.perf_counter()
         was_active = active_host.copy()
         epochs = np.full((k,), epoch, np.int32)
-        perms = np.stack([np.asarray(train_lib._permutation(
+        perms = np.stack([np.asarray(permutation(
             jax.device_put(keys_data, host), epochs_, len(data.train)))
             for keys_data, epochs_ in zip(jax.device_get(state.rng), epochs)])
         permutations = sharding.replicate(perms, mesh)
@@ -436,8 +439,7 @@ class _PackEvaluator:
 
     def accuracy(self, state: train_lib.TrainState, split: data_lib.Split) -> list[float]:
         if self._arrays is None:
-            self._arrays = train_lib._eval_arrays(train_lib._eval_splits(self._data),
-                                                  self._batch, self._mesh)
+            self._arrays = eval_arrays(eval_splits(self._data), self._batch, self._mesh)
         a = self._arrays
         first, count = a.batches[id(split)]
         totals = sharding.replicate(dict(correct=np.zeros(self._k, np.int32),

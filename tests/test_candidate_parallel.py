@@ -48,7 +48,7 @@ threads = {}
 def train_one(seed):
     mesh_ids = [d.id for d in sharding.make_data_mesh().devices]
     threads.setdefault(threading.current_thread().name, []).append(seed)
-    r = train.train_candidate(None, config, data, jax.random.PRNGKey(seed), model=TinyCNN())
+    r = train.train_model(TinyCNN(), config, data, jax.random.PRNGKey(seed))
     return dict(status=r.status, devices=mesh_ids, loss=list(r.loss_curve),
                 val=r.best_val_accuracy, test=r.test_accuracy,
                 leaves=[np.asarray(x).ravel().tolist() for x in jax.tree.leaves(r.variables)])

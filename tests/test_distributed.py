@@ -120,7 +120,7 @@ if feed == "streamed":  # the ImageNet path: each host decodes and feeds its row
         [{"image": im, "label": int(y)} for im, y in zip(split.images, split.labels)], 32)
     data = data_lib.Dataset("synthetic-stream", 10, (32, 32, 3), stream(data.train),
                             stream(data.validation), stream(data.test), data.mean, data.std)
-r = train.train_candidate(None, config, data, jax.random.PRNGKey(0), model=TinyCNN())
+r = train.train_model(TinyCNN(), config, data, jax.random.PRNGKey(0))
 np.savez(f"{out}_{process_id}.npz", *jax.tree.leaves(r.variables))
 print(json.dumps(dict(joined=joined, processes=jax.process_count(), devices=jax.device_count(),
                       local=jax.local_device_count(), status=r.status, message=r.message,

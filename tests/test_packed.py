@@ -24,6 +24,7 @@ from memnas_jax.template_network import (
     real_shapes,
     unflatten_paths,
 )
+from memnas_jax.train.programs import training_setup
 
 # Three blocks (the middle one stride 2, where the block input is read at stride 2 and the cells at
 # stride 1), so that the template compiles in seconds.
@@ -85,7 +86,7 @@ def _programs(cache, synthetic, selection, pack):
 def _standalone_init(arch, config, data, key):
     """The variables `train.train_candidate` starts `arch` from with `key` (its init program,
     without compiling the rest)."""
-    setup = train._setup(arch, config, data, SKELETON, None)
+    setup = training_setup(train.candidate_network(arch, config, data, SKELETON), config, data)
     key = np.asarray(jax.random.key_data(key))
     init = jax.jit(setup.steps.init_fn((1, *data.image_shape))).lower(key).compile(
         compiler_options={"xla_backend_optimization_level": 0})  # as train's (values differ)

@@ -327,12 +327,14 @@ def test_out_of_memory_streak_stops_with_advice_and_a_rerun_retrains_those(tmp_p
 def test_out_of_memory_errors_are_classified(monkeypatch):
     from memnas_jax import data as data_lib
     from memnas_jax import train
+    from memnas_jax.train import loop
 
     def exhausted(*args):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB")
-    monkeypatch.setattr(train, "_train", exhausted)
+    monkeypatch.setattr(loop, "_train", exhausted)
     data = data_lib.synthetic_dataset(num_train=64, num_validation=32, num_test=0)
-    result = train.train_candidate(None, train.default_config(), data, jax.random.key(0))
+    result = train.train_candidate(initial_candidates()[0].architecture, train.default_config(),
+                                   data, jax.random.key(0))
     assert result.status == "failed" and result.failure == "out_of_memory"
     assert train.is_out_of_memory(MemoryError("CUDA out of memory"))
     assert not train.is_out_of_memory(ValueError("shapes do not match"))

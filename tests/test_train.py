@@ -1,7 +1,7 @@
 """Training a candidate (memnas_jax.train): learning, divergence, failure, resume, schedules.
 
-The mechanics tests train a tiny BatchNorm CNN (`model=`), which compiles in about a second; the
-MemNASNetwork itself is trained on synthetic data once and, marked slow, on the real CIFAR-10.
+The mechanics tests train a tiny BatchNorm CNN (`train_model`), which compiles in about a second;
+the MemNASNetwork itself is trained on synthetic data once and, marked slow, on the real CIFAR-10.
 """
 
 import concurrent.futures
@@ -42,8 +42,7 @@ def _max_abs_diff(a, b) -> float:
 
 
 def test_tiny_model_learns_synthetic_data(synthetic):
-    result = train.train_candidate(None, _config(), synthetic, jax.random.PRNGKey(0),
-                                   model=TinyCNN())
+    result = train.train_model(TinyCNN(), _config(), synthetic, jax.random.PRNGKey(0))
     assert result.status == "ok", result.message
     assert result.epochs_done == 3 and result.resumed_from_epoch == 0
     assert result.param_count == 3 * 3 * 3 * 8 + 8 + 2 * 8 + 8 * 8 * 8 * 10 + 10  # 5,370
@@ -56,8 +55,7 @@ def test_tiny_model_learns_synthetic_data(synthetic):
     assert set(result.variables) == {"params", "batch_stats"}
     json.dumps(result.to_dict())  # JSON-ready
     # Same key, same result; another key, another run.
-    again = train.train_candidate(None, _config(epochs=1), synthetic, jax.random.PRNGKey(0),
-                                  model=TinyCNN())
+    again = train.train_model(TinyCNN(), _config(epochs=1), synthetic, jax.random.PRNGKey(0))
     assert again.loss_curve[0] == result.loss_curve[0]
 
 
@@ -70,8 +68,8 @@ def test_streaming_split_trains_through_the_host_pipeline(synthetic):
         data_lib.StreamingSplit(records(synthetic.validation), 32), None, synthetic.mean,
         synthetic.std)
     assert not streamed.on_device
-    result = train.train_candidate(None, _config(epochs=2, eval_batch_size=48), streamed,
-                                   jax.random.PRNGKey(0), model=TinyCNN())
+    result = train.train_model(TinyCNN(), _config(epochs=2, eval_batch_size=48), streamed,
+                                   jax.random.PRNGKey(0))
     assert result.status == "ok", result.message
     assert result.epochs_done == 2 and result.best_val_accuracy >= 0.8
     assert result.test_accuracy is None  # no test split given
@@ -89,8 +87,8 @@ def test_memnas_network_trains_and_counts_parameters(synthetic):
 
 
 def test_huge_learning_rate_diverges(synthetic):
-    result = train.train_candidate(None, _config(learning_rate=1e8, nan_check_every_steps=2),
-                                   synthetic, jax.random.PRNGKey(0), model=TinyCNN())
+    result = train.train_model(TinyCNN(), _config(learning_rate=1e8, nan_check_every_steps=2),
+                                   synthetic, jax.random.PRNGKey(0))
     assert result.status == "diverged"
     assert "training loss became" in result.message and "epoch 1" in result.message
     assert result.epochs_done == 0 and result.test_accuracy is None
@@ -104,8 +102,7 @@ class _Broken(nn.Module):
 
 
 def test_exceptions_become_failed(synthetic):
-    result = train.train_candidate(None, _config(), synthetic, jax.random.PRNGKey(0),
-                                   model=_Broken())
+    result = train.train_model(_Broken(), _config(), synthetic, jax.random.PRNGKey(0))
     assert result.status == "failed" and "TypeError" in result.message
     assert "dot_general" in result.message or "matmul" in result.message
     bad_arch = train.train_candidate([[]], _config(), synthetic, jax.random.PRNGKey(0))
@@ -117,12 +114,11 @@ def test_programs_compiled_ahead_train_exactly_like_inline_ones(synthetic):
     train_candidate compiles itself: the same losses, accuracies and weights, bit for bit. One
     program evaluates both the validation and the test split."""
     config = _config(epochs=2)
-    inline = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(3),
-                                   model=TinyCNN())
-    programs = train.compile_candidate(None, config, synthetic, model=TinyCNN())
+    inline = train.train_model(TinyCNN(), config, synthetic, jax.random.PRNGKey(3))
+    programs = train.compile_model(TinyCNN(), config, synthetic)
     assert programs.compile_seconds > 0 and programs.flops_per_image > 0
-    ahead = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(3),
-                                  model=TinyCNN(), programs=programs)
+    ahead = train.train_model(TinyCNN(), config, synthetic, jax.random.PRNGKey(3),
+                              programs=programs)
     assert ahead.status == inline.status == "ok"
     assert ahead.loss_curve == inline.loss_curve
     assert ahead.val_accuracy_curve == inline.val_accuracy_curve
@@ -133,8 +129,7 @@ def test_programs_compiled_ahead_train_exactly_like_inline_ones(synthetic):
     # A future whose compile failed is the candidate's failure, not the caller's exception.
     failed = concurrent.futures.Future()
     failed.set_exception(RuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling"))
-    result = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(3),
-                                   model=TinyCNN(), programs=failed)
+    result = train.train_model(TinyCNN(), config, synthetic, jax.random.PRNGKey(3), programs=failed)
     assert result.status == "failed" and "RESOURCE_EXHAUSTED" in result.message
 
 
@@ -145,11 +140,11 @@ def test_eval_compiler_options_are_parsed_and_passed_to_xla(synthetic):
     with pytest.raises(ValueError, match="config.eval_compiler_options: 'oops' is not"):
         train.check_config(_config(eval_compiler_options="oops"))
     # XLA knows the GPU option on every backend; an unknown one fails the candidate, clearly.
-    ok = train.compile_candidate(None, _config(eval_compiler_options="xla_gpu_autotune_level=0"),
-                                 synthetic, model=TinyCNN())
+    ok = train.compile_model(TinyCNN(), _config(eval_compiler_options="xla_gpu_autotune_level=0"),
+                                 synthetic)
     assert ok.eval_step is not None
-    bad = train.train_candidate(None, _config(eval_compiler_options="xla_no_such_option=1"),
-                                synthetic, jax.random.PRNGKey(0), model=TinyCNN())
+    bad = train.train_model(TinyCNN(), _config(eval_compiler_options="xla_no_such_option=1"),
+                                synthetic, jax.random.PRNGKey(0))
     assert bad.status == "failed" and "No such compile option" in bad.message
 
 
@@ -157,21 +152,19 @@ def test_a_run_stopped_on_request_resumes_mid_epoch_exactly(synthetic, tmp_path,
     """preemption: the step after a stop request saves a mid-epoch snapshot (state and running
     metrics) and raises Preempted; the rerun continues from that step, ending bit for bit where
     an uninterrupted run ends, and drops the snapshot."""
-    full = train.train_candidate(None, _config(), synthetic, jax.random.PRNGKey(5),
-                                 model=TinyCNN())
+    full = train.train_model(TinyCNN(), _config(), synthetic, jax.random.PRNGKey(5))
     config = _config(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_epochs=1)
     calls = {"n": 0}
 
     def requested():  # 8 steps per epoch: the 12th step is the 4th of epoch 2
         calls["n"] += 1
         return calls["n"] == 12
-    monkeypatch.setattr(train.preemption, "requested", requested)
+    monkeypatch.setattr(preemption, "requested", requested)
     with pytest.raises(preemption.Preempted):
-        train.train_candidate(None, config, synthetic, jax.random.PRNGKey(5), model=TinyCNN())
+        train.train_model(TinyCNN(), config, synthetic, jax.random.PRNGKey(5))
     assert (tmp_path / "ckpt" / train.PREEMPTED_DIR).is_dir()
-    monkeypatch.setattr(train.preemption, "requested", lambda: False)
-    resumed = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(5),
-                                    model=TinyCNN())
+    monkeypatch.setattr(preemption, "requested", lambda: False)
+    resumed = train.train_model(TinyCNN(), config, synthetic, jax.random.PRNGKey(5))
     assert "resumed in epoch 2 after step 4 (stopped on request)" in resumed.message
     assert resumed.resumed_from_epoch == 1
     assert resumed.loss_curve == full.loss_curve
@@ -190,25 +183,24 @@ def test_compilation_cache_auto_is_the_work_directory(tmp_path):
 
 def test_config_mistakes_raise(synthetic):
     with pytest.raises(ValueError, match="config.optimizer = 'rmsprop'"):
-        train.train_candidate(None, _config(optimizer="rmsprop"), synthetic,
-                              jax.random.PRNGKey(0), model=TinyCNN())
+        train.train_model(TinyCNN(), _config(optimizer="rmsprop"), synthetic,
+                              jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="milestones must be increasing"):
         train.check_config(_config(milestones=(5, 2)))
-    failed = train.train_candidate(None, _config(batch_size=4096), synthetic,
-                                   jax.random.PRNGKey(0), model=TinyCNN())
+    failed = train.train_model(TinyCNN(), _config(batch_size=4096), synthetic,
+                                   jax.random.PRNGKey(0))
     assert failed.status == "failed" and "exceeds the 512 training examples" in failed.message
 
 
 def test_checkpoint_resume_matches_uninterrupted_run(synthetic, tmp_path):
     config = _config(epochs=4, milestones=(3,), checkpoint_dir=str(tmp_path / "ckpt"),
                      checkpoint_every_epochs=1, checkpoints_to_keep=4)
-    full = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(0), model=TinyCNN())
+    full = train.train_model(TinyCNN(), config, synthetic, jax.random.PRNGKey(0))
     assert full.status == "ok" and sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2", "3", "4"]
     # Killed after epoch 2: only the checkpoints up to 2 exist. The rerun resumes there.
     for epoch in ("3", "4"):
         _rmtree(tmp_path / "ckpt" / epoch)
-    resumed = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(0),
-                                    model=TinyCNN())
+    resumed = train.train_model(TinyCNN(), config, synthetic, jax.random.PRNGKey(0))
     assert resumed.status == "ok" and resumed.resumed_from_epoch == 2
     assert "resumed from the checkpoint at epoch 2" in resumed.message
     assert _max_abs_diff(full.variables, resumed.variables) == 0.0
@@ -218,8 +210,7 @@ def test_checkpoint_resume_matches_uninterrupted_run(synthetic, tmp_path):
     for path in (tmp_path / "ckpt" / "4").rglob("*"):
         if path.is_file():
             path.write_bytes(b"garbage")
-    recovered = train.train_candidate(None, config, synthetic, jax.random.PRNGKey(0),
-                                      model=TinyCNN())
+    recovered = train.train_model(TinyCNN(), config, synthetic, jax.random.PRNGKey(0))
     assert recovered.status == "ok" and recovered.resumed_from_epoch == 3
     assert "checkpoint at epoch 4 is unreadable" in recovered.message
     assert _max_abs_diff(full.variables, recovered.variables) == 0.0
@@ -245,7 +236,7 @@ for n in (1, 4):
     config.update(dict(epochs=2, batch_size=32, eval_batch_size=32, learning_rate=0.05,
                        milestones=(1,), num_devices=n))
     config.augment.cutout = 8
-    out[n] = train.train_candidate(None, config, data, jax.random.PRNGKey(0), model=TinyCNN())
+    out[n] = train.train_model(TinyCNN(), config, data, jax.random.PRNGKey(0))
     assert out[n].status == "ok", out[n].message
 diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), out[1].variables, out[4].variables)
 print(json.dumps(dict(max_diff=max(jax.tree.leaves(diff)),
