@@ -204,7 +204,7 @@ def compile_packed(template: RoundTemplate, config: ml_collections.ConfigDict,
                    ) -> PackedPrograms:
     """Compiles the init, train and evaluation programs of packs of `pack_size` candidates of
     `template` (ahead of training: thread-safe, like `train.compile_candidate`)."""
-    train_lib.check_config(config)
+    config = train_lib.TrainSettings.from_config(config)
     train_lib.configure_compilation_cache(config.compilation_cache_dir)
     if not data.on_device:
         raise ValueError("packed training needs device-resident data (a CIFAR-size dataset); "
@@ -255,7 +255,7 @@ def compile_packed(template: RoundTemplate, config: ml_collections.ConfigDict,
             jax.ShapeDtypeStruct((*shape, *image_shape), jnp.uint8, sharding=split),
             jax.ShapeDtypeStruct(shape, jnp.int32, sharding=split),
             jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=split)).compile(
-                train_lib.compiler_options(config.get("eval_compiler_options", "")))
+                train_lib.compiler_options(config.eval_compiler_options))
     flops = flops_per_image(train_step, mesh, config.batch_size * k)
     return PackedPrograms(module, k, init, train_step, eval_step,
                           time.perf_counter() - start, flops, steps_per_epoch, mesh)
@@ -287,7 +287,7 @@ def train_packed(archs: Sequence[Iterable[Iterable[Cell]]], config: ml_collectio
     `compile_packed(template, ...)`, whose pack size may exceed len(archs) (the pack is padded).
     initial_variables: each candidate's `MemNASNetwork` variables to start from.
     """
-    train_lib.check_config(config)
+    config = train_lib.TrainSettings.from_config(config)
     start = time.perf_counter()
     train_lib.configure_compilation_cache(config.compilation_cache_dir)
     if template is None and programs is not None:

@@ -20,6 +20,7 @@ from helpers import TinyCNN  # tests/ is on sys.path (rootdir conftest)
 from memnas_jax import data as data_lib
 from memnas_jax import preemption, train
 from memnas_jax.encoding import uniform_architecture
+from memnas_jax.errors import ConfigError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NET53 = uniform_architecture([(0, 0, "fac_conv_7", "sep_conv_3x3")])
@@ -182,13 +183,13 @@ def test_compilation_cache_auto_is_the_work_directory(tmp_path):
 
 
 def test_config_mistakes_raise(synthetic):
-    with pytest.raises(ValueError, match="config.optimizer = 'rmsprop'"):
+    with pytest.raises(ConfigError, match="config.optimizer = 'rmsprop'"):
         train.train_model(TinyCNN(), _config(optimizer="rmsprop"), synthetic,
-                              jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="milestones must be increasing"):
+                          jax.random.PRNGKey(0))
+    with pytest.raises(ConfigError, match="milestones must be increasing"):
         train.check_config(_config(milestones=(5, 2)))
     failed = train.train_model(TinyCNN(), _config(batch_size=4096), synthetic,
-                                   jax.random.PRNGKey(0))
+                               jax.random.PRNGKey(0))
     assert failed.status == "failed" and "exceeds the 512 training examples" in failed.message
 
 
@@ -274,6 +275,29 @@ def test_cosine_schedule_with_warmup():
     schedule = train.make_schedule(config, steps_per_epoch=10)
     np.testing.assert_allclose([schedule(0), schedule(10), schedule(20), schedule(60),
                                 schedule(100)], [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-6)
+
+
+def test_train_settings_are_the_config_checked_once():
+    config = train.default_config()
+    settings = train.TrainSettings.from_config(config)
+    assert settings == train.TrainSettings()  # default_config is made from the settings
+    assert train.TrainSettings.from_config(settings) is settings
+    config.augment.cutout = 8
+    config.milestones = [3, 5]
+    settings = train.TrainSettings.from_config(config)
+    assert settings.augment == train.AugmentSettings(cutout=8) and settings.milestones == (3, 5)
+    assert isinstance(train.TrainSettings.from_config(dict(learning_rate=1)).learning_rate, float)
+    for change, message in (
+            (dict(batch_size="64"), r"config.train.batch_size must be int, got '64'"),
+            (dict(nesterov=1), r"config.train.nesterov must be bool, got 1"),
+            (dict(milestones=(1.5,)), r"config.train.milestones must be a sequence of integers"),
+            (dict(batch_szie=64), r"config.train.batch_szie is not a setting; the settings are "),
+            (dict(augment=dict(flip="yes")), r"config.train.augment.flip must be bool"),
+            (dict(label_smoothing=1.0), r"config.train.label_smoothing must be in \[0, 1\)")):
+        with pytest.raises(ConfigError, match=message):
+            train.TrainSettings.from_config(dict(change), "config.train")
+    with pytest.raises(ConfigError, match="TrainSettings have no skeleton: pass skeleton="):
+        train.candidate_network(NET53, train.TrainSettings(), None)
 
 
 def test_skeleton_from_config_follows_the_data(synthetic):

@@ -182,7 +182,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     grow_trim_options(config, 0)
     grow_trim_options(config, 1)
     controller_config(config, 0)
-    train_lib.check_config(config.train)
+    train_lib.check_config(config.train, "config.train")
 
 
 def reward_config_of(config: ml_collections.ConfigDict) -> RewardConfig:

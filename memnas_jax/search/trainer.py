@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import shutil
 from typing import Callable, Sequence
@@ -33,14 +34,15 @@ class CandidateTrainer:
 
     def __init__(self, config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
                  workdir: pathlib.Path):
-        self.train_config = config.train.copy_and_resolve_references()
-        self.train_config.compilation_cache_dir = train_lib.compilation_cache_path(
-            config.train.compilation_cache_dir, workdir)
+        settings = train_lib.TrainSettings.from_config(config.train, "config.train")
+        self.settings = dataclasses.replace(
+            settings, compilation_cache_dir=train_lib.compilation_cache_path(
+                settings.compilation_cache_dir, workdir))
         self.dataset, self.workdir = dataset, workdir
         self.candidate_checkpoints = config.search.candidate_checkpoints
 
     def compile(self, arch: Architecture, skeleton: Skeleton) -> train_lib.CandidatePrograms:
-        return train_lib.compile_candidate(arch, self.train_config, self.dataset,
+        return train_lib.compile_candidate(arch, self.settings, self.dataset,
                                            skeleton=skeleton)
 
     def why_not_packed(self) -> str | None:
@@ -51,24 +53,23 @@ class CandidateTrainer:
 
     def compile_pack(self, template: RoundTemplate, pack_size: int, selection: str
                      ) -> packed_lib.PackedPrograms:
-        return packed_lib.compile_fitting_pack(template, self.train_config, self.dataset,
+        return packed_lib.compile_fitting_pack(template, self.settings, self.dataset,
                                                pack_size, selection)
 
     def train_pack(self, archs: Sequence[Architecture], skeleton: Skeleton,
                    keys: Sequence[jax.Array], programs: packed_lib.PackedPrograms
                    ) -> list[train_lib.TrainResult]:
         del skeleton  # the programs' template has it
-        return packed_lib.train_packed(archs, self.train_config, self.dataset, keys,
+        return packed_lib.train_packed(archs, self.settings, self.dataset, keys,
                                        programs=programs)
 
     def __call__(self, arch: Architecture, skeleton: Skeleton, key: jax.Array,
                  programs=None) -> train_lib.TrainResult:
-        train_config, checkpoint_dir = self.train_config, None
+        settings, checkpoint_dir = self.settings, None
         if self.candidate_checkpoints:
-            train_config = self.train_config.copy_and_resolve_references()
             checkpoint_dir = self.workdir / CANDIDATE_CHECKPOINT_DIR / arch.canonical_hash()[:16]
-            train_config.checkpoint_dir = str(checkpoint_dir)
-        result = train_lib.train_candidate(arch, train_config, self.dataset, key,
+            settings = dataclasses.replace(settings, checkpoint_dir=str(checkpoint_dir))
+        result = train_lib.train_candidate(arch, settings, self.dataset, key,
                                            skeleton=skeleton, programs=programs)
         if checkpoint_dir is not None and jax.process_index() == 0:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)

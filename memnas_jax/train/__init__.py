@@ -17,7 +17,8 @@ or any linen model with `train_model(model, config, data, rng)`.
 
 The package, one job per module:
 
-* `config`: `default_config`, `check_config`, the skeleton, compile options, compilation cache;
+* `config`: `TrainSettings` (frozen, validated once from a config by `from_config`; every
+  function here reads them), `default_config`, the skeleton, compile options, compilation cache;
 * `optimizer`: the optax optimizer and schedule;
 * `steps`: `TrainState` and the jitted train / evaluation steps and initialiser;
 * `programs`: a candidate's compiled programs (`compile_candidate`, `compile_model`);
@@ -35,6 +36,8 @@ from memnas_jax.train.config import (
     OPTIMIZERS,
     SCHEDULES,
     XLA_CACHE_DIR,
+    AugmentSettings,
+    TrainSettings,
     check_config,
     compilation_cache_path,
     compiler_options,
@@ -57,7 +60,8 @@ from memnas_jax.train.steps import TrainState, cross_entropy
 
 __all__ = [
     "AUTO_CACHE", "DEPTHWISE_IMPLS", "DTYPES", "OPTIMIZERS", "PREEMPTED_DIR", "SCHEDULES",
-    "STATUSES", "XLA_CACHE_DIR", "CandidatePrograms", "TrainResult", "TrainState",
+    "STATUSES", "XLA_CACHE_DIR", "AugmentSettings", "CandidatePrograms", "TrainResult",
+    "TrainSettings", "TrainState",
     "candidate_network", "check_config", "compilation_cache_path", "compile_candidate",
     "compile_model", "compiler_options", "configure_compilation_cache", "cross_entropy",
     "data_layout", "default_config", "failed_result", "is_out_of_memory", "make_optimizer",

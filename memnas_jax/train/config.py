@@ -1,10 +1,13 @@
-"""One candidate's training settings: `default_config`, `check_config`, the skeleton they size,
-XLA compile options and the persistent compilation cache."""
+"""One candidate's training settings: the frozen, validated `TrainSettings` every training
+function reads (made once from a config by `TrainSettings.from_config`), `default_config`, the
+skeleton a config sizes, XLA compile options and the persistent compilation cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+import typing
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ from absl import logging
 
 from memnas_jax import data as data_lib
 from memnas_jax import ops
+from memnas_jax.errors import ConfigError
 from memnas_jax.space import Skeleton, cifar_skeleton, imagenet_skeleton
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -21,11 +25,138 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEPTHWISE_IMPLS = ("auto", *ops.DEPTHWISE_IMPLS)  # "auto": resolve_depthwise_impl
 
 
+@dataclasses.dataclass(frozen=True)
+class AugmentSettings:
+    crop_padding: int = 4  # random crop of the zero-padded image (0 = no crop)
+    flip: bool = True  # random horizontal flip
+    cutout: int = 0  # side of the Cutout square (0 = off)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """How one candidate trains. The defaults are the authors' search-time protocol
+    (docs/method.md §8): SGD lr 0.01 momentum 0.9, batch 64, 150 epochs with steps at 60 and
+    100, crop + flip."""
+
+    epochs: int = 150
+    batch_size: int = 64  # global, split over the devices
+    eval_batch_size: int = 500
+    optimizer: str = "sgd"  # "sgd" or "adamw"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0  # sgd: L2 added to the gradient (PyTorch style); adamw: decoupled
+    schedule: str = "step"  # "step" (milestones x gamma) or "cosine"
+    milestones: tuple[int, ...] = (60, 100)  # epochs whose start multiplies the lr by gamma
+    gamma: float = 0.1
+    warmup_epochs: int = 0  # linear warmup from 0, both schedules
+    grad_clip_norm: float = 0.0  # 0 = off
+    label_smoothing: float = 0.0
+    dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
+    depthwise_impl: str = "auto"  # "auto": "shifted" on CPU (2x faster there), "xla" elsewhere
+    num_devices: int = 0  # 0 = all local devices
+    eval_every_epochs: int = 1
+    nan_check_every_steps: int = 0  # 0 = once per epoch
+    checkpoint_dir: str = ""  # "" = no checkpoints
+    checkpoint_every_epochs: int = 0  # 0 = only the last epoch (when checkpoint_dir is set)
+    checkpoints_to_keep: int = 2
+    # JAX's persistent compilation cache ("" = off; the search's "auto" = <workdir>/xla_cache)
+    compilation_cache_dir: str = ""
+    host_threads: int = 0  # host pipeline threads for streaming data (0 = auto)
+    # XLA options of the evaluation program only, "name=value,...": it runs a few batches per
+    # epoch, so on a GPU "xla_gpu_autotune_level=0" may cost less than autotuning it (measure
+    # with benchmarks/search_throughput.py --eval_compiler_options).
+    eval_compiler_options: str = ""
+    augment: AugmentSettings = AugmentSettings()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | TrainSettings, where: str = "config"
+                    ) -> TrainSettings:
+        """The settings of a training config (a ConfigDict or mapping with these fields; its
+        `data` and `skeleton` sections, if any, are not training settings and are skipped),
+        checked: a wrong field, type or value raises `ConfigError` naming `where`.field."""
+        if isinstance(config, TrainSettings):
+            return config
+        values = _fields_of(cls, config, where, skip=("data", "skeleton"))
+        augment = values.get("augment", AugmentSettings())
+        if not isinstance(augment, AugmentSettings):
+            values["augment"] = AugmentSettings(**_fields_of(AugmentSettings, augment,
+                                                             f"{where}.augment"))
+        settings = cls(**values)
+        settings.check(where)
+        return settings
+
+    def check(self, where: str = "config") -> None:
+        """Raises ConfigError for settings no candidate could train with."""
+        choices = dict(optimizer=OPTIMIZERS, schedule=SCHEDULES, dtype=tuple(DTYPES),
+                       depthwise_impl=DEPTHWISE_IMPLS)
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ConfigError(f"{where}.{field} = {getattr(self, field)!r} is not one of "
+                                  f"{allowed}")
+        for field in ("epochs", "batch_size", "eval_batch_size", "eval_every_epochs"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"{where}.{field} must be >= 1, got {getattr(self, field)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{where}.learning_rate must be > 0, got {self.learning_rate}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"{where}.milestones must be increasing, got {self.milestones}")
+        compiler_options(self.eval_compiler_options, f"{where}.eval_compiler_options")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"{where}.label_smoothing must be in [0, 1), got "
+                              f"{self.label_smoothing}")
+
+    def to_config(self) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(dataclasses.asdict(self))
+
+
+def _fields_of(cls, config: Mapping[str, Any], where: str, skip: tuple[str, ...] = ()
+               ) -> dict[str, Any]:
+    """The fields of `cls` in `config`, each of its annotated type (an int is a float too; a
+    list of ints a tuple), or ConfigError naming the field."""
+    if not isinstance(config, Mapping) and not hasattr(config, "items"):
+        raise ConfigError(f"{where} is a {type(config).__name__}, not a config")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in config.items():
+        if name in skip:
+            continue
+        if name not in hints:
+            raise ConfigError(f"{where}.{name} is not a setting; the settings are "
+                              f"{sorted(hints)}")
+        values[name] = _typed(value, hints[name], f"{where}.{name}")
+    return values
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return value  # a section, converted by its owner
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise ConfigError(f"{name} must be a sequence of integers, got {value!r}")
+        items = tuple(value)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise ConfigError(f"{name} must be a sequence of integers, got {value!r}")
+        return items
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}[hint]
+    if not ok:
+        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def check_config(config: Mapping[str, Any] | TrainSettings, where: str = "config") -> None:
+    """Raises ConfigError for a training config no candidate could train with."""
+    TrainSettings.from_config(config, where)
+
+
 def default_config() -> ml_collections.ConfigDict:
-    """The authors' search-time protocol (docs/method.md §8): SGD lr 0.01 momentum 0.9, batch
-    64, 150 epochs with steps at 60 and 100, width 64, crop + flip; selection on a 5,000-image
-    validation split held out of the training set (the authors chose on the test set)."""
-    c = ml_collections.ConfigDict()
+    """`TrainSettings()` as a ConfigDict, with the data (`data.default_data_config`) and the
+    skeleton (`skeleton_from_config`): width 64; selection on a 5,000-image validation split
+    held out of the training set (the authors chose on the test set)."""
+    c = TrainSettings().to_config()
     c.data = data_lib.default_data_config()
     c.skeleton = ml_collections.ConfigDict(dict(
         kind="cifar",  # "cifar" (cifar_skeleton) or "imagenet" (imagenet_skeleton)
@@ -36,56 +167,7 @@ def default_config() -> ml_collections.ConfigDict:
         bn_momentum=0.9,
         bn_epsilon=1e-5,
     ))
-    c.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True, cutout=0))
-    c.epochs = 150
-    c.batch_size = 64  # global, split over the devices
-    c.eval_batch_size = 500
-    c.optimizer = "sgd"  # "sgd" or "adamw"
-    c.learning_rate = 0.01
-    c.momentum = 0.9
-    c.nesterov = False
-    c.weight_decay = 0.0  # sgd: L2 added to the gradient (PyTorch style); adamw: decoupled
-    c.schedule = "step"  # "step" (milestones x gamma) or "cosine"
-    c.milestones = (60, 100)  # epochs at whose start the learning rate is multiplied by gamma
-    c.gamma = 0.1
-    c.warmup_epochs = 0  # linear warmup from 0, both schedules
-    c.grad_clip_norm = 0.0  # 0 = off
-    c.label_smoothing = 0.0
-    c.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
-    c.depthwise_impl = "auto"  # "auto": "shifted" on CPU (2x faster there), "xla" elsewhere
-    c.num_devices = 0  # 0 = all local devices
-    c.eval_every_epochs = 1
-    c.nan_check_every_steps = 0  # 0 = once per epoch
-    c.checkpoint_dir = ""  # "" = no checkpoints
-    c.checkpoint_every_epochs = 0  # 0 = only the last epoch (when checkpoint_dir is set)
-    c.checkpoints_to_keep = 2
-    # JAX's persistent compilation cache ("" = off; the search's "auto" = <workdir>/xla_cache)
-    c.compilation_cache_dir = ""
-    c.host_threads = 0  # host pipeline threads for streaming data (0 = auto)
-    # XLA options of the evaluation program only, "name=value,...": it runs a few batches per
-    # epoch, so on a GPU "xla_gpu_autotune_level=0" may cost less than autotuning it (measure
-    # with benchmarks/search_throughput.py --eval_compiler_options).
-    c.eval_compiler_options = ""
     return c
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError for settings no candidate could train with."""
-    choices = dict(optimizer=OPTIMIZERS, schedule=SCHEDULES, dtype=tuple(DTYPES),
-                   depthwise_impl=DEPTHWISE_IMPLS)
-    for field, allowed in choices.items():
-        if config[field] not in allowed:
-            raise ValueError(f"config.{field} = {config[field]!r} is not one of {allowed}")
-    for field in ("epochs", "batch_size", "eval_batch_size", "eval_every_epochs"):
-        if config[field] < 1:
-            raise ValueError(f"config.{field} must be >= 1, got {config[field]}")
-    if config.learning_rate <= 0:
-        raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
-    if list(config.milestones) != sorted(config.milestones):
-        raise ValueError(f"config.milestones must be increasing, got {config.milestones}")
-    compiler_options(config.get("eval_compiler_options", ""), "eval_compiler_options")
-    if not 0 <= config.label_smoothing < 1:
-        raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
 
 
 def compiler_options(text: str, field: str = "compiler_options") -> dict[str, Any]:
@@ -95,7 +177,7 @@ def compiler_options(text: str, field: str = "compiler_options") -> dict[str, An
     for item in filter(None, (part.strip() for part in str(text).split(","))):
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"config.{field}: {item!r} is not name=value")
+            raise ConfigError(f"{field}: {item!r} is not name=value")
         value = value.strip()
         for parse in (int, float):
             try:

@@ -21,10 +21,10 @@ from absl import logging
 from memnas_jax import data as data_lib
 from memnas_jax import preemption, sharding
 from memnas_jax.encoding import Architecture
-from memnas_jax.errors import first_line
+from memnas_jax.errors import ConfigError, first_line
 from memnas_jax.space import Skeleton
 from memnas_jax.train import checkpoints
-from memnas_jax.train.config import check_config, configure_compilation_cache
+from memnas_jax.train.config import TrainSettings, configure_compilation_cache
 from memnas_jax.train.evaluate import Evaluator, scalars
 from memnas_jax.train.programs import (
     CandidatePrograms,
@@ -37,22 +37,24 @@ from memnas_jax.train.result import TrainResult, failed_result
 from memnas_jax.train.steps import permutation
 
 
-def train_candidate(arch: Architecture, config: ml_collections.ConfigDict,
+def train_candidate(arch: Architecture, config: ml_collections.ConfigDict | TrainSettings,
                     data: data_lib.Dataset, rng: jax.Array, *, skeleton: Skeleton | None = None,
                     programs: CandidatePrograms | concurrent.futures.Future | None = None
                     ) -> TrainResult:
     """Trains the `MemNASNetwork` of `arch` (on `skeleton`, default `config.skeleton` sized to
     the data) with `train_model`. Never raises for a candidate's own failure."""
-    check_config(config)
     start = time.perf_counter()
     try:
         model = candidate_network(arch, config, data, skeleton)
+    except ConfigError:
+        raise  # it would fail every candidate
     except Exception as e:  # a candidate must never kill a search
         return failed_result(e, start)
     return train_model(model, config, data, rng, programs=programs, start=start)
 
 
-def train_model(model: nn.Module, config: ml_collections.ConfigDict, data: data_lib.Dataset,
+def train_model(model: nn.Module, config: ml_collections.ConfigDict | TrainSettings,
+                data: data_lib.Dataset,
                 rng: jax.Array, *,
                 programs: CandidatePrograms | concurrent.futures.Future | None = None,
                 start: float | None = None) -> TrainResult:
@@ -62,8 +64,9 @@ def train_model(model: nn.Module, config: ml_collections.ConfigDict, data: data_
     model: a linen module called as `(x, train)`, with a `batch_stats` collection (may be
     empty). programs: its `compile_model` output, or a future of it (compiled ahead, in another
     thread); None compiles them here. start: `time.perf_counter()` when its training began.
+    A config that is not valid `TrainSettings` raises `ConfigError`: it would fail every model.
     """
-    check_config(config)
+    config = TrainSettings.from_config(config)
     start = time.perf_counter() if start is None else start
     configure_compilation_cache(config.compilation_cache_dir)
     try:

@@ -15,10 +15,11 @@ import ml_collections
 from memnas_jax import data as data_lib
 from memnas_jax import sharding
 from memnas_jax.encoding import Architecture
+from memnas_jax.errors import ConfigError
 from memnas_jax.space import Skeleton
 from memnas_jax.train.config import (
     DTYPES,
-    check_config,
+    TrainSettings,
     compiler_options,
     configure_compilation_cache,
     resolve_depthwise_impl,
@@ -77,14 +78,20 @@ def training_setup(model: nn.Module, config, data: data_lib.Dataset) -> Setup:
     return Setup(steps, mesh, steps_per_epoch, eval_batches)
 
 
-def candidate_network(arch: Architecture, config, data: data_lib.Dataset,
-                      skeleton: Skeleton | None = None) -> nn.Module:
+def candidate_network(arch: Architecture, config: ml_collections.ConfigDict | TrainSettings,
+                      data: data_lib.Dataset, skeleton: Skeleton | None = None) -> nn.Module:
     """The `MemNASNetwork` of `arch` with `config`'s depthwise implementation and dtype, on
     `skeleton` (default: `config.skeleton` sized to the data)."""
     from memnas_jax.network import MemNASNetwork
-    return MemNASNetwork(arch, skeleton or skeleton_from_config(config, data),
-                         depthwise_impl=resolve_depthwise_impl(config.depthwise_impl),
-                         dtype=DTYPES[config.dtype])
+    if skeleton is None:
+        if isinstance(config, TrainSettings):
+            raise ConfigError("TrainSettings have no skeleton: pass skeleton=, or a config "
+                              "with a skeleton section (train.default_config())")
+        skeleton = skeleton_from_config(config, data)
+    settings = TrainSettings.from_config(config)
+    return MemNASNetwork(arch, skeleton,
+                         depthwise_impl=resolve_depthwise_impl(settings.depthwise_impl),
+                         dtype=DTYPES[settings.dtype])
 
 
 def key_shape() -> tuple[int, ...]:
@@ -119,7 +126,7 @@ def compile_programs(setup: Setup, config, data: data_lib.Dataset) -> CandidateP
     totals = scalars(correct=jnp.int32, loss_sum=jnp.float32, batches=jnp.int32)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     image_shape, size = data.image_shape, len(data.train)
-    eval_options = compiler_options(config.get("eval_compiler_options", ""))
+    eval_options = compiler_options(config.eval_compiler_options)
     if data.on_device:
         train_args = (state, metrics,
                       jax.ShapeDtypeStruct((size, *image_shape), jnp.uint8, sharding=repl),
@@ -151,21 +158,20 @@ def compile_programs(setup: Setup, config, data: data_lib.Dataset) -> CandidateP
                                                               config.batch_size))
 
 
-def compile_candidate(arch: Architecture, config: ml_collections.ConfigDict,
+def compile_candidate(arch: Architecture, config: ml_collections.ConfigDict | TrainSettings,
                       data: data_lib.Dataset, *, skeleton: Skeleton | None = None
                       ) -> CandidatePrograms:
     """Compiles the init, train and evaluation programs of a candidate without running them
     (what `train_candidate` would compile first). Thread-safe: XLA compiles release the GIL, so
     a thread pool compiles the next candidates while one trains. Raises on a compile failure;
     `train_candidate(..., programs=future)` records that as the candidate's failure."""
-    check_config(config)
     return compile_model(candidate_network(arch, config, data, skeleton), config, data)
 
 
-def compile_model(model: nn.Module, config: ml_collections.ConfigDict, data: data_lib.Dataset
-                  ) -> CandidatePrograms:
+def compile_model(model: nn.Module, config: ml_collections.ConfigDict | TrainSettings,
+                  data: data_lib.Dataset) -> CandidatePrograms:
     """`compile_candidate` of any model (`train_model`)."""
-    check_config(config)
+    config = TrainSettings.from_config(config)
     configure_compilation_cache(config.compilation_cache_dir)
     return compile_programs(training_setup(model, config, data), config, data)
 
