@@ -22,6 +22,7 @@ import concurrent.futures
 from typing import Callable, Sequence, TypeVar
 
 import jax
+from jax.sharding import Mesh
 
 from memnas_jax import sharding
 
@@ -51,22 +52,22 @@ def device_groups(num_groups: int, devices: Sequence[jax.Device] | None = None
             for g in range(num_groups)]
 
 
-def map_on_device_groups(fn: Callable[[Item], Result], items: Sequence[Item], num_groups: int,
-                         devices: Sequence[jax.Device] | None = None) -> list[Result]:
-    """[fn(item) for item in items], item i run on device group i mod `num_groups` (inside
-    `sharding.device_group`, so meshes `fn` builds use that group), the groups concurrently.
+def map_on_device_groups(fn: Callable[[Item, Mesh], Result], items: Sequence[Item],
+                         num_groups: int, devices: Sequence[jax.Device] | None = None
+                         ) -> list[Result]:
+    """[fn(item, mesh) for item in items], item i run with the data mesh of device group
+    i mod `num_groups` (`sharding.make_data_mesh` over the group), the groups concurrently.
 
     `fn` should not raise (`train.train_candidate` never does for a candidate's own failure);
     if it does, the first exception is re-raised after all groups have finished."""
     items = list(items)
-    groups = device_groups(num_groups, devices)
+    meshes = [sharding.make_data_mesh(devices=group)
+              for group in device_groups(num_groups, devices)]
     if num_groups == 1 or len(items) <= 1:  # no threads needed; same devices as group 0
-        with sharding.device_group(groups[0]):
-            return [fn(item) for item in items]
+        return [fn(item, meshes[0]) for item in items]
 
     def run_group(g: int) -> list[tuple[int, Result]]:
-        with sharding.device_group(groups[g]):
-            return [(i, fn(items[i])) for i in range(g, len(items), num_groups)]
+        return [(i, fn(items[i], meshes[g])) for i in range(g, len(items), num_groups)]
 
     results: list = [None] * len(items)
     busy = min(num_groups, len(items))

@@ -13,12 +13,10 @@ the mesh then spans all global devices and `host_batch_to_global` assembles the 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import re
-import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -103,37 +101,15 @@ def _backends_initialized() -> bool:
         return True
 
 
-_device_group = threading.local()
-
-
-@contextlib.contextmanager
-def device_group(devices: Sequence[jax.Device]) -> Iterator[None]:
-    """Within the block, in this thread, meshes are built from `devices` instead of all of
-    `jax.devices()`: how candidate-level parallelism (`memnas_jax.candidate_parallel`) gives
-    each concurrently trained candidate its own devices without any change to the trainer."""
-    if not devices:
-        raise ValueError("a device group needs at least one device")
-    previous = getattr(_device_group, "devices", None)
-    _device_group.devices = tuple(devices)
-    try:
-        yield
-    finally:
-        _device_group.devices = previous
-
-
-def available_devices() -> list[jax.Device]:
-    """The devices meshes are built from: the thread's `device_group`, else `jax.devices()`."""
-    group = getattr(_device_group, "devices", None)
-    return list(group) if group is not None else jax.devices()
-
-
-def make_data_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D mesh over the first `num_devices` devices (0 = all of them) of
-    `available_devices()`, axis "data".
+def make_data_mesh(num_devices: int = 0, devices: Sequence[jax.Device] | None = None
+                   ) -> Mesh:
+    """A 1-D mesh over the first `num_devices` (0 = all) of `devices` (default: all of
+    `jax.devices()`), axis "data". Made once and passed down: training takes `mesh=`, and
+    candidate groups (`memnas_jax.candidate_parallel`) pass each group's own.
 
     Built with `Mesh` rather than `jax.make_mesh`, whose axes now default to Explicit
     sharding-in-types; the classic Auto axes let jit propagate shardings by itself."""
-    devices = available_devices()
+    devices = list(jax.devices() if devices is None else devices)
     if num_devices < 0 or num_devices > len(devices):
         raise ValueError(f"asked for {num_devices} devices but {len(devices)} are available "
                          f"({jax.default_backend()}); on CPU set XLA_FLAGS="
@@ -197,9 +173,9 @@ def constrain_batch(tree: Any, mesh: Mesh) -> Any:
 
 
 __all__ = [
-    "CPU_COLLECTIVE_TIMEOUT_SECONDS", "DATA_AXIS", "available_devices", "batch_sharded",
+    "CPU_COLLECTIVE_TIMEOUT_SECONDS", "DATA_AXIS", "batch_sharded",
     "check_batch_size", "constrain_batch",
-    "device_group", "disable_cpu_ynn_fusions", "host_batch_to_global",
+    "disable_cpu_ynn_fusions", "host_batch_to_global",
     "host_device_count_flag", "make_data_mesh", "mesh_size",
     "process_batch_rows",
     "replicate", "replicated", "set_host_device_count", "shard_batch",

@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from memnas_jax import candidate_parallel, sharding
+from memnas_jax import candidate_parallel
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,9 +25,8 @@ def test_one_group_is_all_devices_and_errors_are_clear():
 
 def test_map_runs_in_item_order_inside_the_group():
     seen = candidate_parallel.map_on_device_groups(
-        lambda x: (x * x, len(sharding.make_data_mesh().devices)), [3, 1, 2], 1)
+        lambda x, mesh: (x * x, len(mesh.devices)), [3, 1, 2], 1)
     assert seen == [(9, len(jax.devices())), (1, len(jax.devices())), (4, len(jax.devices()))]
-    assert sharding.available_devices() == jax.devices()  # the group ends with the call
 
 
 GROUPS_SCRIPT = r'''
@@ -45,10 +44,10 @@ groups = candidate_parallel.device_groups(2)
 seeds = [0, 1, 2]
 threads = {}
 
-def train_one(seed):
-    mesh_ids = [d.id for d in sharding.make_data_mesh().devices]
+def train_one(seed, mesh):
+    mesh_ids = [d.id for d in mesh.devices]
     threads.setdefault(threading.current_thread().name, []).append(seed)
-    r = train.train_model(TinyCNN(), config, data, jax.random.PRNGKey(seed))
+    r = train.train_model(TinyCNN(), config, data, jax.random.PRNGKey(seed), mesh=mesh)
     return dict(status=r.status, devices=mesh_ids, loss=list(r.loss_curve),
                 val=r.best_val_accuracy, test=r.test_accuracy,
                 leaves=[np.asarray(x).ravel().tolist() for x in jax.tree.leaves(r.variables)])
@@ -56,8 +55,7 @@ def train_one(seed):
 parallel = candidate_parallel.map_on_device_groups(train_one, seeds, 2)
 sequential = []
 for seed in seeds:  # one after another on the first 2 devices
-    with sharding.device_group(jax.devices()[:2]):
-        sequential.append(train_one(seed))
+    sequential.append(train_one(seed, sharding.make_data_mesh(devices=jax.devices()[:2])))
 print(json.dumps(dict(groups=[[d.id for d in g] for g in groups], parallel=parallel,
                       sequential=sequential, threads=sorted(map(sorted, threads.values())))))
 '''
@@ -103,8 +101,9 @@ class GroupRecordingTrainer(ScriptedTrainer):
     def __init__(self, stop_hash=None):
         super().__init__()
         self.stop_hash, self.meshes = stop_hash, set()
-    def __call__(self, arch, skeleton, key):
-        self.meshes.add(tuple(d.id for d in sharding.make_data_mesh().devices))
+    def __call__(self, arch, skeleton, key, mesh=None):
+        mesh = mesh or sharding.make_data_mesh()
+        self.meshes.add(tuple(d.id for d in mesh.devices))
         if arch.canonical_hash() == self.stop_hash:
             raise Interrupted()
         return super().__call__(arch, skeleton, key)

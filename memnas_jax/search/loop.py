@@ -260,7 +260,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     (default: `CandidateTrainer`, `train.train_candidate` with `config.train` on `config.data`).
     A train_fn with a `compile(architecture, skeleton)` method, like `CandidateTrainer`, gets
     its candidates compiled ahead (`config.parallel.compile_ahead`), the programs passed back
-    as `train_fn(..., programs=future)`.
+    as `train_fn(..., programs=future)`. With `parallel.candidate_groups` > 1 it is called as
+    `train_fn(..., mesh=mesh)`, with the data mesh of the candidate's device group.
     Raises ConfigMismatchError when `workdir` holds a search made with another config (unless
     `config.resume_with_changed_config`), StateError when its state files are unreadable,
     WorkdirLockedError when another live process runs a search there (all `UserError`s).

@@ -64,13 +64,13 @@ class CandidateTrainer:
                                        programs=programs)
 
     def __call__(self, arch: Architecture, skeleton: Skeleton, key: jax.Array,
-                 programs=None) -> train_lib.TrainResult:
+                 programs=None, mesh=None) -> train_lib.TrainResult:
         settings, checkpoint_dir = self.settings, None
         if self.candidate_checkpoints:
             checkpoint_dir = self.workdir / CANDIDATE_CHECKPOINT_DIR / arch.canonical_hash()[:16]
             settings = dataclasses.replace(settings, checkpoint_dir=str(checkpoint_dir))
         result = train_lib.train_candidate(arch, settings, self.dataset, key,
-                                           skeleton=skeleton, programs=programs)
+                                           skeleton=skeleton, programs=programs, mesh=mesh)
         if checkpoint_dir is not None and jax.process_index() == 0:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return result

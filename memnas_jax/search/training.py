@@ -79,7 +79,9 @@ class RoundTraining:
                 chunk = pending[start:start + groups]
                 to_train = [i for i in chunk if previous[i] is None]
                 results = dict(zip(to_train, candidate_parallel.map_on_device_groups(
-                    lambda i: self.train_result(entries[i], ahead.take(i)), to_train, groups)))
+                    lambda i, mesh: self.train_result(entries[i], ahead.take(i),
+                                                      mesh if groups > 1 else None),
+                    to_train, groups)))
                 # Multi-process: all processes finished these candidates (raises if one died,
                 # before any of its collective failures is recorded as a failed candidate).
                 distributed.sync_processes(f"round {rnd.round} candidates {chunk}")
@@ -260,10 +262,10 @@ class RoundTraining:
                     return rnd.round, e
         return None
 
-    def train_result(self, entry: Entry, programs=None) -> train_lib.TrainResult:
+    def train_result(self, entry: Entry, programs=None, mesh=None) -> train_lib.TrainResult:
         """Trains an entry's candidate (thread-safe: reads the entry, changes nothing), with its
-        programs when they were compiled ahead."""
-        extra = {} if programs is None else {"programs": programs}
+        programs when they were compiled ahead, on its candidate group's mesh with groups."""
+        extra = {k: v for k, v in dict(programs=programs, mesh=mesh).items() if v is not None}
         return self.train_fn(entry.architecture, self.skeleton,
                              candidate_key(self.config.seed, entry.hash), **extra)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from memnas_jax import data as data_lib
 from memnas_jax import preemption, sharding
@@ -39,8 +40,8 @@ from memnas_jax.train.steps import permutation
 
 def train_candidate(arch: Architecture, config: ml_collections.ConfigDict | TrainSettings,
                     data: data_lib.Dataset, rng: jax.Array, *, skeleton: Skeleton | None = None,
-                    programs: CandidatePrograms | concurrent.futures.Future | None = None
-                    ) -> TrainResult:
+                    programs: CandidatePrograms | concurrent.futures.Future | None = None,
+                    mesh: Mesh | None = None) -> TrainResult:
     """Trains the `MemNASNetwork` of `arch` (on `skeleton`, default `config.skeleton` sized to
     the data) with `train_model`. Never raises for a candidate's own failure."""
     start = time.perf_counter()
@@ -50,34 +51,36 @@ def train_candidate(arch: Architecture, config: ml_collections.ConfigDict | Trai
         raise  # it would fail every candidate
     except Exception as e:  # a candidate must never kill a search
         return failed_result(e, start)
-    return train_model(model, config, data, rng, programs=programs, start=start)
+    return train_model(model, config, data, rng, programs=programs, mesh=mesh, start=start)
 
 
 def train_model(model: nn.Module, config: ml_collections.ConfigDict | TrainSettings,
                 data: data_lib.Dataset,
                 rng: jax.Array, *,
                 programs: CandidatePrograms | concurrent.futures.Future | None = None,
-                start: float | None = None) -> TrainResult:
+                mesh: Mesh | None = None, start: float | None = None) -> TrainResult:
     """Trains `model` from scratch on `data` (train split; validation each `eval_every_epochs`;
     test at the end) and returns a `TrainResult`. Never raises for the model's own failure.
 
     model: a linen module called as `(x, train)`, with a `batch_stats` collection (may be
     empty). programs: its `compile_model` output, or a future of it (compiled ahead, in another
-    thread); None compiles them here. start: `time.perf_counter()` when its training began.
+    thread); None compiles them here. mesh: the data mesh (default: `config.num_devices` of
+    all devices; compiled programs must be for the same mesh). start: `time.perf_counter()`
+    when its training began.
     A config that is not valid `TrainSettings` raises `ConfigError`: it would fail every model.
     """
     config = TrainSettings.from_config(config)
     start = time.perf_counter() if start is None else start
     configure_compilation_cache(config.compilation_cache_dir)
     try:
-        return _train(model, config, data, rng, programs, start)
+        return _train(model, config, data, rng, programs, mesh, start)
     except Exception as e:  # a candidate must never kill a search
         logging.warning("candidate failed: %s", traceback.format_exc())
         return failed_result(e, start)
 
 
-def _train(model, config, data, rng, programs, start) -> TrainResult:
-    setup = training_setup(model, config, data)
+def _train(model, config, data, rng, programs, mesh, start) -> TrainResult:
+    setup = training_setup(model, config, data, mesh)
     mesh = setup.mesh
     wait_start = time.perf_counter()
     if programs is None:

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 
 from memnas_jax import data as data_lib
 from memnas_jax import sharding
@@ -54,11 +55,13 @@ class Setup:
     eval_batches: int  # resident data: batches of the validation and test splits together
 
 
-def data_layout(config, data: data_lib.Dataset) -> tuple[Any, int, int]:
+def data_layout(config, data: data_lib.Dataset, mesh: Mesh | None = None
+                ) -> tuple[Mesh, int, int]:
     """(mesh, steps per epoch, resident evaluation batches) of `config` on `data`, with the batch
     sizes checked against the mesh and the training split: what standalone and packed training
-    share."""
-    mesh = sharding.make_data_mesh(config.num_devices)
+    share. mesh: the data mesh to train on (default: `config.num_devices` of all devices)."""
+    if mesh is None:
+        mesh = sharding.make_data_mesh(config.num_devices)
     sharding.check_batch_size(config.batch_size, mesh)
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval batch size")
     steps_per_epoch = len(data.train) // config.batch_size
@@ -69,8 +72,9 @@ def data_layout(config, data: data_lib.Dataset) -> tuple[Any, int, int]:
     return mesh, steps_per_epoch, eval_batches
 
 
-def training_setup(model: nn.Module, config, data: data_lib.Dataset) -> Setup:
-    mesh, steps_per_epoch, eval_batches = data_layout(config, data)
+def training_setup(model: nn.Module, config, data: data_lib.Dataset, mesh: Mesh | None = None
+                   ) -> Setup:
+    mesh, steps_per_epoch, eval_batches = data_layout(config, data, mesh)
     tx = make_optimizer(config, steps_per_epoch)
     steps = StepFactory(model, tx, mesh, tuple(data.mean), tuple(data.std),
                         config.augment.crop_padding, config.augment.flip, config.augment.cutout,
@@ -159,21 +163,23 @@ def compile_programs(setup: Setup, config, data: data_lib.Dataset) -> CandidateP
 
 
 def compile_candidate(arch: Architecture, config: ml_collections.ConfigDict | TrainSettings,
-                      data: data_lib.Dataset, *, skeleton: Skeleton | None = None
-                      ) -> CandidatePrograms:
+                      data: data_lib.Dataset, *, skeleton: Skeleton | None = None,
+                      mesh: Mesh | None = None) -> CandidatePrograms:
     """Compiles the init, train and evaluation programs of a candidate without running them
     (what `train_candidate` would compile first). Thread-safe: XLA compiles release the GIL, so
     a thread pool compiles the next candidates while one trains. Raises on a compile failure;
     `train_candidate(..., programs=future)` records that as the candidate's failure."""
-    return compile_model(candidate_network(arch, config, data, skeleton), config, data)
+    return compile_model(candidate_network(arch, config, data, skeleton), config, data,
+                         mesh=mesh)
 
 
 def compile_model(model: nn.Module, config: ml_collections.ConfigDict | TrainSettings,
-                  data: data_lib.Dataset) -> CandidatePrograms:
-    """`compile_candidate` of any model (`train_model`)."""
+                  data: data_lib.Dataset, *, mesh: Mesh | None = None
+                  ) -> CandidatePrograms:
+    """`compile_candidate` of any model (`train_model`), for `mesh` (as `data_layout`)."""
     config = TrainSettings.from_config(config)
     configure_compilation_cache(config.compilation_cache_dir)
-    return compile_programs(training_setup(model, config, data), config, data)
+    return compile_programs(training_setup(model, config, data, mesh), config, data)
 
 
 def flops_per_image(compiled, mesh, batch_size: int) -> float | None:
