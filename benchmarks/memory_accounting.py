@@ -18,13 +18,9 @@ The last line is `RESULT {json}`.
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from memnas_jax import accounting  # noqa: E402
-from memnas_jax.baselines import baseline_model  # noqa: E402
+from memnas_jax import accounting
+from memnas_jax.baselines import baseline_model
 
 MB = 1e6
 # The paper's CIFAR-10 table (total MB, parameter MB, top-1 %): as published.

@@ -42,7 +42,7 @@ import tempfile
 import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "experiments"))  # the presets: experiments/configs
 
 MODES = ("sequential", "ahead", "warm", "packed")
 # Dense peak in TFLOP/s by (backend, compute dtype): this project's 2-core AMD EPYC (fp32 FMA,
@@ -53,12 +53,8 @@ PEAK_TFLOPS = {("cpu", "float32"): 0.234, ("cpu", "bfloat16"): 0.234,
 
 
 def _config(args):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "cifar10_config", REPO_ROOT / "experiments" / "configs" / "cifar10.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(args.preset)
+    from configs import cifar10
+    config = cifar10.get_config(args.preset)
     if args.epochs:
         config.train.epochs = args.epochs
     if args.train_subset:

@@ -31,9 +31,7 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from memnas_jax import sharding  # noqa: E402  (imports jax; starts no backend)
+from memnas_jax import sharding  # imports jax; starts no backend
 
 _WIDTHS = flags.DEFINE_list("widths", ["32", "64"], "Block widths w (uniform schedule).")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2"], "XLA host device counts to compare.")

@@ -14,6 +14,7 @@ One process of a multi-process job: add --coordinator_address=host:port --num_pr
 """
 
 import search_main  # experiments/search_main.py, beside this script
+
 from configs import cifar10  # experiments/configs/cifar10.py
 
 if __name__ == "__main__":

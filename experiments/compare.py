@@ -12,13 +12,10 @@ is measured the same way (float32 parameters + peak live activations at batch 1,
 from __future__ import annotations
 
 import pathlib
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run without installing
-
-from memnas_jax import comparison, errors  # noqa: E402
+from memnas_jax import comparison, errors
 
 _SEARCH = flags.DEFINE_string("search", None, "A search's work directory (optional).")
 _FINAL = flags.DEFINE_list("final", [], "train_final.py work directories.")

@@ -11,9 +11,7 @@ from typing import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run without installing
-
-from memnas_jax import errors, search  # noqa: E402
+from memnas_jax import errors, search
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 

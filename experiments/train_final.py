@@ -17,15 +17,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from memnas_jax import sharding  # noqa: E402  (imports jax, starts no backend)
-from memnas_jax.errors import UserError, exit_on_user_error  # noqa: E402
+from memnas_jax import sharding  # imports jax, starts no backend
+from memnas_jax.errors import UserError, exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(pathlib.Path(__file__).parent / "configs" / "train_final.py"),

@@ -25,6 +25,11 @@ for _name in ("CIFAR10", "CIFAR100"):
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# Subprocesses (the experiment mains, multi-process scripts) import the package and the presets
+# (experiments/configs, as `configs`) as this process does, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (
+    str(REPO_ROOT), str(REPO_ROOT / "experiments"), os.environ.get("PYTHONPATH"))))
+
 
 def _shared_path(env_var: str, relative: str) -> pathlib.Path:
     if os.environ.get(env_var):

@@ -18,7 +18,7 @@ def test_search_throughput_prints_its_table_and_result_line():
         [sys.executable, str(REPO_ROOT / "benchmarks" / "search_throughput.py"),
          "--preset", "test", "--candidates", "3", "--epochs", "1"],
         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
-        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), check=False)
+        env=dict(os.environ), check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| # | candidate | cells | compile s |" in proc.stdout
     for mode in ("sequential", "ahead", "warm"):
@@ -42,7 +42,7 @@ def test_search_throughput_packed_mode():
          "--preset", "test", "--candidates", "3", "--epochs", "1", "--modes", "ahead",
          "--packing", "3"],
         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
-        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), check=False)
+        env=dict(os.environ), check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "## packed (cpu" in proc.stdout
     result = json.loads(proc.stdout.splitlines()[-1].removeprefix("RESULT "))

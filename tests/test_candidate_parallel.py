@@ -63,8 +63,7 @@ print(json.dumps(dict(groups=[[d.id for d in g] for g in groups], parallel=paral
 
 def _run_with_four_devices(script: str) -> dict:
     """Runs `script` in a process with 4 CPU devices; the JSON of its last output line."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

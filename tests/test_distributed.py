@@ -78,7 +78,7 @@ def _launch(script: str, num_processes: int, devices_per_process: int, *args: st
             port: int | None = None) -> list[subprocess.Popen]:
     """Starts the processes of one job (process i gets argv: i, num_processes, port, args)."""
     port = port or _free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT),
+    env = dict(os.environ,
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     return [subprocess.Popen([sys.executable, "-c", script, str(i), str(num_processes),
                               str(port), *args], env=env, cwd=REPO_ROOT,

@@ -178,7 +178,7 @@ def test_bare_search_command_downloads_and_starts_training(server, tmp_path):
     """What a new user runs: no flags but the work directory. The CPU default (the smoke preset)
     downloads CIFAR-10 (here from the local server) and starts training."""
     body, _ = cifar_archive("cifar10", n_train=8000, n_test=100)
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(REPO_ROOT),
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"),
                MEMNAS_CIFAR10_URL=server.serve("/cifar-10-binary.tar.gz", body),
                MEMNAS_CIFAR10_SHA256=hashlib.sha256(body).hexdigest())
     env.pop("MEMNAS_DATA_DIR", None)

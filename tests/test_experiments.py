@@ -39,7 +39,7 @@ def _parse(*argv):
 
 
 def _run_main(script: str, *argv, timeout: float = 600, check: bool = True):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ)
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / script), *argv],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
@@ -211,7 +211,7 @@ def whole_search(tmp_path_factory):
     candidates, then the controller's top 2. Its JAX compilation cache speeds up the reruns of
     the kill test (the cache directory is a run-only field: no effect on results)."""
     root = tmp_path_factory.mktemp("whole")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ)
     start = time.perf_counter()
     subprocess.run(_search_argv(root / "workdir", root / "jax_cache"), env=env, check=True,
                    capture_output=True, timeout=900)
@@ -263,7 +263,7 @@ def test_search_killed_at_any_point_resumes_to_the_same_result(whole_search, tmp
     each time the same command resumes. The result equals the uninterrupted run's: the same
     candidates, results and final architecture."""
     whole, cache = whole_search
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ)
     workdir = tmp_path / "killed"
     for after, delay in ((1, 0.0), (3, 1.5), (4, 1.0), (5, 0.0)):
         assert _kill_after(_search_argv(workdir, cache), workdir, after, delay,
@@ -321,7 +321,7 @@ def _packed_argv(workdir, cache):
 @pytest.fixture(scope="module")
 def whole_packed_search(tmp_path_factory):
     root = tmp_path_factory.mktemp("whole_packed")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ)
     subprocess.run(_packed_argv(root / "workdir", root / "jax_cache"), env=env, check=True,
                    capture_output=True, timeout=900)
     return root / "workdir", root / "jax_cache"
@@ -347,7 +347,7 @@ def test_packed_search_killed_resumes_the_same_packs(whole_packed_search, tmp_pa
     training round 1's pack) and right after the second pack; the reruns train the pack in
     flight again and the search ends where the uninterrupted run did."""
     whole, cache = whole_packed_search
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ)
     workdir = tmp_path / "killed"
     for after, delay in ((2, 0.0), (2, 8.0), (4, 0.0)):
         _kill_after(_packed_argv(workdir, cache), workdir, after, delay, env)

@@ -341,8 +341,7 @@ def random_architecture(rng: np.random.Generator, max_cells: int = 5):
 def xla_temp_bytes(archs, skeleton, workers: int = 2) -> list[int]:
     """XLA temp bytes of each architecture's forward pass, compiled in `workers` subprocesses
     (tracing and compiling are single-threaded)."""
-    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, JAX_PLATFORMS="cpu")
     shards = [archs[i::workers] for i in range(workers)]
     requests = [json.dumps({"skeleton": skeleton.to_dict(), "archs": [a.to_json() for a in shard]})
                 for shard in shards]

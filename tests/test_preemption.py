@@ -31,7 +31,7 @@ def _argv(workdir, cache, checkpoints):
 def test_sigterm_stops_after_a_step_and_the_search_resumes_exactly(checkpoints, tmp_path):
     """Without candidate checkpoints the candidate in flight trains again; with them it goes on
     from the step it stopped at (a mid-epoch snapshot). Either way: the uninterrupted records."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ)
     cache = tmp_path / "cache"
     subprocess.run(_argv(tmp_path / "whole", cache, checkpoints), env=env, check=True,
                    capture_output=True, timeout=600)

@@ -58,7 +58,7 @@ def test_named_accountings_of_resnet20():
 
 @pytest.mark.slow
 def test_search_final_training_baseline_and_comparison(data_dir, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MEMNAS_DATA_DIR=str(data_dir))
+    env = dict(os.environ, MEMNAS_DATA_DIR=str(data_dir))
     search_dir, final_dir, base_dir, out = (tmp_path / n for n in ("search", "final", "resnet20",
                                                                    "results"))
     _run("cifar10_search.py", f"--config={EXPERIMENTS / 'configs' / 'cifar10.py'}:test",

@@ -71,8 +71,7 @@ print(json.dumps(dict(devices=jax.device_count(), shards=shards, total=float(tot
 
 
 def test_four_host_devices_split_the_batch():
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get(
-        "PYTHONPATH", ""))
+    env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", FOUR_DEVICE_SCRIPT], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)

@@ -28,7 +28,7 @@ def _argv(workdir, cache):
 
 @pytest.mark.slow
 def test_random_kills_and_terms_end_with_the_uninterrupted_records(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ)
     cache = tmp_path / "cache"
     start = time.perf_counter()
     subprocess.run(_argv(tmp_path / "whole", cache), env=env, check=True, capture_output=True,

@@ -16,7 +16,7 @@ CIFAR = REPO_ROOT / "experiments" / "configs" / "cifar10.py"
 
 
 def _fails_cleanly(*argv, env=None) -> str:
-    env = dict(os.environ if env is None else env, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ if env is None else env)
     proc = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True,
                           env=env, timeout=300, check=False)
     assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-3000:]

@@ -27,7 +27,7 @@ with WorkdirLock(sys.argv[1], "search"):
 
 def _holder(workdir):
     proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(workdir)], stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+                            text=True, env=dict(os.environ))
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -47,7 +47,7 @@ def test_a_second_search_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path)
             [sys.executable, str(REPO_ROOT / "experiments" / "cifar10_search.py"),
              f"--config={REPO_ROOT / 'experiments' / 'configs' / 'cifar10.py'}:test",
              f"--workdir={workdir}"], capture_output=True, text=True, timeout=300,
-            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), check=False)
+            env=dict(os.environ), check=False)
         assert proc.returncode == EXIT_USER_ERROR and "Traceback" not in proc.stderr
         assert "is in use by another search: host" in proc.stderr
     finally:

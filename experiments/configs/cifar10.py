@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from memnas_jax import presets, search
+from configs import common  # experiments/configs/common.py
+from memnas_jax import search
 
 PRESETS = ("auto", "paper", "gpu", "gpu_quick", "smoke", "test")
 
 
 def auto_preset() -> tuple[str, str]:
     """The preset "auto" stands for on this machine, and why: smoke on a CPU, gpu elsewhere."""
-    kind, why = presets.detect_accelerator()
+    kind, why = common.detect_accelerator()
     return ("smoke" if kind == "cpu" else "gpu"), why
 
 
@@ -60,7 +61,7 @@ def get_config(preset: str = "auto") -> ml_collections.ConfigDict:
                                  dtype="bfloat16", checkpoint_every_epochs=5))
         config.grow_trim.round0_combine_modes = ("add",)
         config.search.update(dict(max_rounds=8, full_train_cap=64, top_k=24))
-        presets.small_controller(config, max_steps=2000)
+        common.small_controller(config, max_steps=2000)
     if preset == "gpu_quick":
         # The gpu preset cut to a short GPU window: an 8-epoch proxy, 24 candidates per early
         # round, the controller's top 12 after, stopping at the first round boundary after 5
@@ -68,7 +69,7 @@ def get_config(preset: str = "auto") -> ml_collections.ConfigDict:
         config.train.update(dict(epochs=8, checkpoint_every_epochs=0))
         config.search.update(dict(max_rounds=6, full_train_cap=24, top_k=12,
                                   candidate_checkpoints=False, time_budget_minutes=5.0))
-        presets.small_controller(config, max_steps=1000)
+        common.small_controller(config, max_steps=1000)
     elif preset == "smoke":
         # One XLA device. Two host devices (--config.host_device_count=2) ran this preset in
         # 9.0 min against 9.7, but change the float summation order and so the search's path.
@@ -81,8 +82,8 @@ def get_config(preset: str = "auto") -> ml_collections.ConfigDict:
         config.grow_trim.round0_combine_modes = ("add",)
         config.search.update(dict(max_rounds=4, full_train_cap=5, top_k=3,
                                   candidate_checkpoints=False))
-        presets.small_controller(config, max_steps=400)
+        common.small_controller(config, max_steps=400)
     elif preset == "test":
         config.search.candidate_checkpoints = False
-        presets.test_preset(config, image_size=16, num_classes=4)
+        common.test_preset(config, image_size=16, num_classes=4)
     return config

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from memnas_jax import presets, search
+from configs import common  # experiments/configs/common.py
+from memnas_jax import search
 
 PRESETS = ("paper", "resized32", "test")
 
@@ -47,10 +48,10 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
         config.skeleton.width = 16
         config.train.epochs = 5
         config.search.update(dict(max_rounds=8, full_train_cap=64, top_k=24))
-        presets.small_controller(config, max_steps=2000)
+        common.small_controller(config, max_steps=2000)
     elif preset == "test":
         config.search.candidate_checkpoints = False
-        presets.test_preset(config, image_size=32, num_classes=4)
+        common.test_preset(config, image_size=32, num_classes=4)
         config.train.dtype = "float32"
         config.train.schedule = "step"
         config.train.warmup_epochs = 0

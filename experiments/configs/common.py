@@ -1,5 +1,7 @@
-"""Settings shared by the experiment presets of `experiments/configs/` (cifar10.py, imagenet.py):
-one definition each of the small-controller and test-preset settings."""
+"""What the presets of experiments/configs/ (cifar10.py, imagenet.py) share: the accelerator the
+"auto" preset looks for, the small-controller settings and the test preset. Imported as
+`from configs import common`: experiments/ is on the path of the scripts there (their folder), of
+the tests (pytest's `pythonpath`) and of the benchmarks that load a preset."""
 
 from __future__ import annotations
 
@@ -61,6 +63,3 @@ def test_preset(config: ml_collections.ConfigDict, image_size: int, num_classes:
         embed_dim=8, encoder_hidden=16, ranker_hidden=16, max_steps=40, eval_every=20,
         patience=1, set_size=4, sets_per_batch=2, holdout_fraction=0.0, predict_batch=64))
     config.output.update(dict(plots=True, tensorboard=True))
-
-
-__all__ = ["detect_accelerator", "small_controller", "test_preset"]
