@@ -159,7 +159,7 @@ def test_groups_compare_only_within_a_group(synthetic):
     state = controller.fit(train_x, shifted, groups=groups,
                            config=dataclasses.replace(CONFIG, max_steps=100))
     assert state.holdout_tau > 0.8  # mean within-round tau
-    assert controller._grouped_tau(np.array([1.0, 2, 3, 10, 30, 20]),
+    assert controller.grouped_tau(np.array([1.0, 2, 3, 10, 30, 20]),
                                    np.array([1.0, 2, 3, 1, 3, 2]),
                                    np.array([0, 0, 0, 1, 1, 1])) == pytest.approx(1.0)
 
