@@ -83,7 +83,7 @@ def round_candidates(config, skeleton, round_index: int, base_cells: int, count:
     with `everyone` (all of the round, the sample) ."""
     from memnas_jax import search
     from memnas_jax.grow_trim import generate_candidates, initial_candidates
-    options = search.grow_trim_options(config, round_index)
+    options = search.SearchSettings.from_config(config).grow_trim_options(round_index)
     if round_index == 0:
         candidates = initial_candidates(skeleton.num_blocks, options)
     else:
@@ -114,7 +114,8 @@ def worker(spec: dict) -> dict:
     skeleton = train.skeleton_from_config(config, dataset)
     candidates = round_candidates(config, skeleton, args.round, args.base_cells,
                                   args.candidates)
-    trainer = search.CandidateTrainer(config, dataset, pathlib.Path(spec["workdir"]))
+    trainer = search.CandidateTrainer(search.SearchSettings.from_config(config), dataset,
+                                      pathlib.Path(spec["workdir"]))
     depth = resolve_depth(spec["compile_ahead"])
     rows = []
     start = last = time.perf_counter()

@@ -95,7 +95,8 @@ def test_search_records_are_the_same_with_compile_ahead(tmp_path):
     config = _round0_config(2)
     records = _records(tmp_path / "sequential")
     dataset = dataclasses.replace(data_lib.load_dataset(config.data), test=None)
-    trainer = _FailingCompile(config, dataset, tmp_path / "failing")
+    trainer = _FailingCompile(search.SearchSettings.from_config(config), dataset,
+                              tmp_path / "failing")
     trainer.bad_hash = records[1]["hash"]
     search.run_search(config, tmp_path / "failing", train_fn=trainer)
     failing = _records(tmp_path / "failing")

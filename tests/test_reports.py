@@ -27,14 +27,16 @@ def _state() -> search.SearchState:
     """Two rounds planned by the search code, with set results: round 0 all trained (one failed),
     round 1 half trained (still running)."""
     config = _config()
-    r0 = search.plan_round(0, None, config, SKELETON, None, None)
+    settings = search.SearchSettings.from_config(config)
+    r0 = search.plan_round(0, None, settings, SKELETON, None, None)
     for i, (status, acc) in enumerate([("ok", 0.50), ("failed", None), ("ok", 0.75),
                                        ("ok", 0.625)]):
         r0 = r0.with_entry(i, dataclasses.replace(
             r0.entries[i], status=status, accuracy=acc, train_seconds=1.5, compile_seconds=0.5,
             images_per_second=100.0, message="" if acc else "boom"))
-    r0 = dataclasses.replace(search.select_winner(r0, config), phase="done")
-    r1 = search.plan_round(1, search.Base.of(r0.winner_entry, 0), config, SKELETON, None, None)
+    r0 = dataclasses.replace(search.select_winner(r0, settings), phase="done")
+    r1 = search.plan_round(1, search.Base.of(r0.winner_entry, 0), settings, SKELETON, None,
+                           None)
     for i, acc in enumerate((0.875, 0.5)):
         r1 = r1.with_entry(i, dataclasses.replace(
             r1.entries[i], status="ok", accuracy=acc, train_seconds=2.0, compile_seconds=1.0,

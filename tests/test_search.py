@@ -87,6 +87,10 @@ class ScriptedTrainer:
             wall_seconds=0.01, compile_seconds=0.0, images_per_second=1.0)
 
 
+def _round0_options(config):
+    return search.SearchSettings.from_config(config).grow_trim_options(0)
+
+
 def _without_timing(records):
     return [{k: v for k, v in r.items() if k not in reports.TIMING_FIELDS} for r in records]
 
@@ -132,7 +136,7 @@ def test_rounds_select_by_reward_against_the_previous_winner(tmp_path):
     for rnd in state.rounds:
         entries = rnd.entries
         # The plan: the seeded sample of the grow-trim pool of the previous winner.
-        options = search.grow_trim_options(config, rnd.round)
+        options = search.SearchSettings.from_config(config).grow_trim_options(rnd.round)
         pool = (initial_candidates(5, options) if base is None
                 else generate_candidates(base.architecture, options))
         chosen = search.seeded_sample([c.arch_hash for c in pool], 4, config.seed, rnd.round)
@@ -201,7 +205,7 @@ def test_memory_budget_drops_candidates_before_training(tmp_path):
     from memnas_jax.space import cifar_skeleton
     skeleton = cifar_skeleton(4, num_classes=4).replace(image_size=16)
     totals = sorted(memory_report(c.architecture, skeleton).total_bytes
-                    for c in initial_candidates(5, search.grow_trim_options(config, 0)))
+                    for c in initial_candidates(5, _round0_options(config)))
     config.memory.budget_mb = totals[4] / 1e6  # the 5 smallest of 9 fit (ties excluded)
     trainer = ScriptedTrainer()
     search.run_search(config, tmp_path, train_fn=trainer)
@@ -223,7 +227,7 @@ def test_memory_budget_drops_candidates_before_training(tmp_path):
 
 def test_failed_and_diverged_candidates_are_recorded_and_the_search_goes_on(tmp_path):
     config = _config()
-    hashes = [c.arch_hash for c in initial_candidates(5, search.grow_trim_options(config, 0))]
+    hashes = [c.arch_hash for c in initial_candidates(5, _round0_options(config))]
     planned = [hashes[i] for i in search.seeded_sample(hashes, 4, config.seed, 0)]
     outcomes = {planned[0]: "failed", planned[2]: "diverged"}
     result = search.run_search(config, tmp_path, train_fn=ScriptedTrainer(outcomes))
@@ -245,7 +249,7 @@ def test_failed_and_diverged_candidates_are_recorded_and_the_search_goes_on(tmp_
 def test_all_candidates_failing_stops_with_a_reason(tmp_path):
     config = _config()
     everything = {c.arch_hash: "failed"
-                  for c in initial_candidates(5, search.grow_trim_options(config, 0))}
+                  for c in initial_candidates(5, _round0_options(config))}
     result = search.run_search(config, tmp_path, train_fn=ScriptedTrainer(everything))
     assert result.architecture is None
     assert result.stop_reason == "no candidate of round 0 trained successfully"
@@ -417,6 +421,42 @@ def test_bad_config_values_raise_clear_errors(tmp_path):
         with pytest.raises(ValueError, match=message):
             search.run_search(config, tmp_path, train_fn=ScriptedTrainer())
     assert not (tmp_path / search.STATE_FILE).exists()
+
+
+def test_settings_are_the_config_checked_once():
+    config = _config()
+    settings = search.SearchSettings.from_config(config)
+    assert settings.search.top_k == config.search.top_k and settings.seed == config.seed
+    assert settings.train.epochs == config.train.epochs == 2
+    assert settings.controller_config(3).seed == search.derive_seed(config.seed, "controller", 3)
+    for field, value, message in (
+            ("search.top_k", "3", r"config.search.top_k must be int, got '3'"),
+            ("search.topk", 3, r"config.search.topk is not a setting; the settings are \["),
+            ("parallel.packing", 1, r"config.parallel.packing must be str"),
+            ("grow_trim.combine_modes", ("add", 2), r"combine_modes must be a sequence of strs"),
+            ("train.batch_size", 0, r"config.train.batch_size must be >= 1")):
+        values = _config().to_dict()  # a plain mapping: a ConfigDict refuses other types
+        group, name = field.split(".")
+        values[group][name] = value
+        with pytest.raises(ConfigError, match=message):
+            search.SearchSettings.from_config(values)
+
+
+# The fingerprints of the previous main (b874009) for these configs: a work directory it made
+# resumes without --allow_config_change while they hold.
+PREVIOUS_FINGERPRINTS = {
+    "default": "7378beb9eee4b5925f2c43ca9cb12f2a62c4a82ae176cc5a6a40cf6058fabe9e",
+    "cifar10.py:paper": "a7e952edaba0d3cf0bbbebd83d177ed8e15e2d4f5402cb9aa4836a7817a352e9",
+    "cifar10.py:smoke": "8bf4d114d27729bdc248f804f857885d9e48ad9334787b441104d3ec06e4220d",
+}
+
+
+def test_config_fingerprints_are_those_of_the_previous_main():
+    configs = {"default": search.default_config(),
+               "cifar10.py:paper": _preset("experiments/configs/cifar10.py", "paper"),
+               "cifar10.py:smoke": _preset("experiments/configs/cifar10.py", "smoke")}
+    assert {k: search.config_fingerprint(c)[1] for k, c in configs.items()} == (
+        PREVIOUS_FINGERPRINTS)
 
 
 def test_state_file_round_trip_and_checksum(tmp_path):

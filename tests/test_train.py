@@ -289,7 +289,7 @@ def test_train_settings_are_the_config_checked_once():
     for change, message in (
             (dict(batch_size="64"), r"config.train.batch_size must be int, got '64'"),
             (dict(nesterov=1), r"config.train.nesterov must be bool, got 1"),
-            (dict(milestones=(1.5,)), r"config.train.milestones must be a sequence of integers"),
+            (dict(milestones=(1.5,)), r"config.train.milestones must be a sequence of ints"),
             (dict(batch_szie=64), r"config.train.batch_szie is not a setting; the settings are "),
             (dict(augment=dict(flip="yes")), r"config.train.augment.flip must be bool"),
             (dict(label_smoothing=1.0), r"config.train.label_smoothing must be in \[0, 1\)")):

@@ -43,8 +43,10 @@ same architecture as an uninterrupted one, losing at most the candidate in fligh
 
 The package, one job per module:
 
-* `config`: `default_config`, `check_config`, the accessors of optional fields and the fingerprint
-  that tells whether a work directory may be resumed with a config;
+* `config`: `default_config` and the fingerprint that tells whether a work directory may be
+  resumed with a config;
+* `settings`: `SearchSettings`, the config checked and frozen once at the entry (`from_config`):
+  what every other module reads;
 * `seeds`: every random choice as a pure function of the seed and names;
 * `policy`: the pure rules of a round (what to train, the reference, rewards, the winner, stopping);
 * `state`: the typed, frozen search state (`Entry` in a `Round` in a `SearchState`), its JSON form
@@ -57,27 +59,29 @@ The package, one job per module:
 """
 
 from memnas_jax.search.config import (
-    ACCURACY_METRICS,
-    CONTROLLER_TARGETS,
-    PACKING_MODES,
-    ROUND0_SELECTIONS,
     RUN_ONLY_FIELDS,
     ConfigMismatchError,
-    candidate_groups,
     check_config,
-    compile_ahead,
     config_fingerprint,
-    controller_config,
-    controller_vocab_sizes,
     default_config,
-    grow_trim_options,
-    packing_options,
-    time_budget_seconds,
 )
 from memnas_jax.search.experiment import run_experiment
 from memnas_jax.search.loop import CONTROLLER_DIR, TIME_BUDGET_STOP, run_search
 from memnas_jax.search.policy import plan_round, planned_candidates, select_winner, stop_reason
 from memnas_jax.search.seeds import candidate_key, derive_seed, seeded_sample
+from memnas_jax.search.settings import (
+    ACCURACY_METRICS,
+    CONTROLLER_TARGETS,
+    PACKING_MODES,
+    ROUND0_SELECTIONS,
+    GrowTrimSettings,
+    MemorySettings,
+    OutputSettings,
+    ParallelSettings,
+    SearchRules,
+    SearchSettings,
+    controller_vocab_sizes,
+)
 from memnas_jax.search.state import (
     CONFIG_FILE,
     PREV_STATE_FILE,
@@ -110,11 +114,10 @@ __all__ = [
     "CONTROLLER_DIR", "CONTROLLER_TARGETS", "OOM_STOP", "PACKING_MODES", "PREV_STATE_FILE",
     "ROUND0_SELECTIONS", "RUN_ONLY_FIELDS", "STATE_FILE", "STATE_FORMAT", "TIME_BUDGET_STOP",
     "Base", "CandidateTrainer", "ConfigMismatchError", "ControllerFit", "ControllerRef", "Entry",
-    "Packing", "Reference", "Round", "SearchResult", "SearchState", "StateError", "TrainFn",
-    "Winner",
-    "candidate_groups", "candidate_key", "check_config", "compile_ahead", "config_fingerprint",
-    "controller_config", "controller_vocab_sizes", "default_config", "derive_seed",
-    "grow_trim_options", "load_state", "packing_options", "plan_round", "planned_candidates",
-    "run_experiment", "run_search", "save_state", "seeded_sample", "select_winner",
-    "stop_reason", "time_budget_seconds",
+    "GrowTrimSettings", "MemorySettings", "OutputSettings", "Packing", "ParallelSettings",
+    "Reference", "Round", "SearchResult", "SearchRules", "SearchSettings", "SearchState",
+    "StateError", "TrainFn", "Winner", "candidate_key", "check_config", "config_fingerprint",
+    "controller_vocab_sizes", "default_config", "derive_seed", "load_state", "plan_round",
+    "planned_candidates", "run_experiment", "run_search", "save_state", "seeded_sample",
+    "select_winner", "stop_reason",
 ]

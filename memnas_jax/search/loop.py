@@ -21,17 +21,10 @@ from memnas_jax import distributed, reports
 from memnas_jax import train as train_lib
 from memnas_jax.errors import ConfigError
 from memnas_jax.io import atomic_write
-from memnas_jax.search.config import (
-    ConfigMismatchError,
-    check_config,
-    config_diff,
-    config_fingerprint,
-    controller_config,
-    time_budget_seconds,
-    to_plain,
-)
+from memnas_jax.search.config import ConfigMismatchError, config_diff, config_fingerprint, to_plain
 from memnas_jax.search.policy import plan_round, planned_candidates, select_winner, stop_reason
 from memnas_jax.search.progress import duration_text, log_round
+from memnas_jax.search.settings import SearchSettings
 from memnas_jax.search.state import (
     CONFIG_FILE,
     Base,
@@ -55,7 +48,7 @@ CONTROLLER_DIR = "controller"
 class _Search(RoundTraining):
     """The mutable run of one search (kept private: `run_search` is the API)."""
 
-    config: ml_collections.ConfigDict
+    settings: SearchSettings
     workdir: pathlib.Path
     state: SearchState  # replaced, never edited, at each step
     skeleton: Skeleton
@@ -73,7 +66,7 @@ class _Search(RoundTraining):
         if not self.writer:
             return
         save_state(self.state, self.workdir)
-        out = self.config.output
+        out = self.settings.output
         reports.write_all(self.state, self.workdir, plots=plots and out.plots,
                           tensorboard=plots and out.tensorboard,
                           leaderboard_rows=out.leaderboard_rows)
@@ -97,11 +90,11 @@ class _Search(RoundTraining):
     # ----- one round
     def log_plan(self) -> None:
         """The whole run's plan and, once a few candidates have trained here, its duration."""
-        counts = planned_candidates(self.state, self.config)
+        counts = planned_candidates(self.state, self.settings)
         trained = len(self.state.trained_entries())
         remaining = max(sum(counts) - trained, 0)
         text = (f"plan: up to {len(counts)} rounds, about {sum(counts)} candidates "
-                f"({', '.join(str(c) for c in counts)}) x {self.config.train.epochs} epochs; "
+                f"({', '.join(str(c) for c in counts)}) x {self.settings.train.epochs} epochs; "
                 f"{remaining} to go")
         if self.seconds_trained:
             per = float(np.mean(self.seconds_trained))
@@ -114,7 +107,7 @@ class _Search(RoundTraining):
     def fit_controller(self, round_index: int, warm_start: bool = True) -> None:
         """Refits the controller on every successful candidate of the rounds up to
         `round_index`, warm-started from the previous fit."""
-        target = self.config.search.controller_target
+        target = self.settings.search.controller_target
         tokens, targets, groups = [], [], []
         for r in self.state.rounds[:round_index + 1]:
             for e in r.entries:
@@ -130,7 +123,7 @@ class _Search(RoundTraining):
         fitted = controller_lib.fit(
             tokens, np.asarray(targets), np.asarray(groups),
             init_state=self.latest_controller() if warm_start else None,
-            config=controller_config(self.config, round_index, self.skeleton.num_blocks))
+            config=self.settings.controller_config(round_index, self.skeleton.num_blocks))
         # Every process fits the same controller; process 0's copy is the one all use, so a
         # last-bit difference between hosts (GPU atomics) cannot make them plan different rounds.
         fitted = dataclasses.replace(fitted, params=distributed.same_on_all_processes(
@@ -162,17 +155,17 @@ class _Search(RoundTraining):
 
     def over_time_budget(self) -> bool:
         """Whether `search.time_budget_minutes` is spent (process 0's clock decides for all)."""
-        budget = time_budget_seconds(self.config)
+        budget = self.settings.search.time_budget_seconds
         over = np.asarray(budget > 0 and self.elapsed_seconds() >= budget)
         return bool(distributed.same_on_all_processes(over))
 
     def run(self) -> None:
-        config = self.config
+        settings = self.settings
         while not self.state.finished:
             rounds = self.state.rounds
             if rounds and rounds[-1].phase == "done" and self.over_time_budget():
                 # Between rounds, the controller fitted: a larger budget resumes exactly here.
-                self.finish(f"{TIME_BUDGET_STOP} ({time_budget_seconds(config) / 60:g} minutes)"
+                self.finish(f"{TIME_BUDGET_STOP} ({settings.search.time_budget_minutes:g} minutes)"
                             f" after round {rounds[-1].round}, "
                             f"{self.elapsed_seconds() / 60:.1f} minutes in")
                 break
@@ -184,15 +177,15 @@ class _Search(RoundTraining):
                 if reason:  # the round stays in training: a rerun with a smaller batch goes on
                     self.finish(reason)
                     break
-                self.set_round(select_winner(self.current_round, config))
+                self.set_round(select_winner(self.current_round, settings))
                 log_round(self.current_round)
                 self.save()
             rnd = self.current_round
-            reason = stop_reason(self.state, config)
+            reason = stop_reason(self.state, settings)
             # The controller is first fitted after the last fully trained round (nothing uses
             # it before), then refitted after every round, warm-started.
             if (reason is None and rnd.phase == "selected"
-                    and rnd.round + 1 >= config.search.full_train_rounds):
+                    and rnd.round + 1 >= settings.search.full_train_rounds):
                 self.fit_controller(rnd.round)
             self.set_round(dataclasses.replace(self.current_round, phase="done"))
             if reason is not None:
@@ -201,12 +194,12 @@ class _Search(RoundTraining):
                 self.save(plots=True)
 
     def plan_next_round(self) -> None:
-        rounds, config = self.state.rounds, self.config
+        rounds, settings = self.state.rounds, self.settings
         r = len(rounds)
         base = Base.of(rounds[-1].winner_entry, rounds[-1].round) if rounds else None
         controller_state = (self.latest_controller()
-                            if r >= config.search.full_train_rounds else None)
-        rnd = plan_round(r, base, config, self.skeleton, controller_state,
+                            if r >= settings.search.full_train_rounds else None)
+        rnd = plan_round(r, base, settings, self.skeleton, controller_state,
                          self.state.controller.round if controller_state else None)
         self.set_round(rnd)
         logging.info("round %d: %d candidates generated, %d over the memory budget, "
@@ -218,12 +211,12 @@ class _Search(RoundTraining):
 TIME_BUDGET_STOP = "time budget reached"
 
 
-def _reopen_if_stopped_for_a_retry(state: SearchState, config: ml_collections.ConfigDict
+def _reopen_if_stopped_for_a_retry(state: SearchState, settings: SearchSettings
                                    ) -> SearchState:
     """A finished search that stopped for a reason a rerun can lift runs on: its time budget
     (when the budget is now larger or off), or out-of-memory failures (their candidates of the
     round in flight train again, with the rerun's settings)."""
-    reason, budget = str(state.stop_reason), time_budget_seconds(config)
+    reason, budget = str(state.stop_reason), settings.search.time_budget_seconds
     if reason.startswith(TIME_BUDGET_STOP):
         if budget and budget <= state.elapsed_seconds:
             return state
@@ -243,13 +236,15 @@ def _reopen_if_stopped_for_a_retry(state: SearchState, config: ml_collections.Co
     return dataclasses.replace(state, status="running", stop_reason=None)
 
 
-def _summary(config: ml_collections.ConfigDict, skeleton: Skeleton) -> dict:
+def _summary(config: ml_collections.ConfigDict, settings: SearchSettings, skeleton: Skeleton
+             ) -> dict:
     """The few settings the leaderboard states."""
-    return {"lambda": config.reward.lam,
-            "memory budget MB": config.memory.budget_mb or "none",
-            "widths": list(skeleton.widths), "rounds cap": config.search.max_rounds,
-            "cells cap": config.search.max_cells, "top-K": config.search.top_k,
-            "dataset": config.data.name, "epochs": config.train.epochs, "seed": config.seed}
+    s = settings.search
+    return {"lambda": settings.reward.lam,
+            "memory budget MB": settings.memory.budget_mb or "none",
+            "widths": list(skeleton.widths), "rounds cap": s.max_rounds,
+            "cells cap": s.max_cells, "top-K": s.top_k, "dataset": config.data.name,
+            "epochs": settings.train.epochs, "seed": settings.seed}
 
 
 def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -266,21 +261,18 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     `config.resume_with_changed_config`), StateError when its state files are unreadable,
     WorkdirLockedError when another live process runs a search there (all `UserError`s).
     """
-    try:
-        check_config(config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    settings = SearchSettings.from_config(config)
     workdir = pathlib.Path(workdir).absolute()
     writer = jax.process_index() == 0
     if not writer:
-        return _run_search(config, workdir, writer, train_fn)
+        return _run_search(config, settings, workdir, writer, train_fn)
     prepare_workdir(workdir)
     with WorkdirLock(workdir, "search"):  # one owner: a second search here is refused
-        return _run_search(config, workdir, writer, train_fn)
+        return _run_search(config, settings, workdir, writer, train_fn)
 
 
-def _run_search(config: ml_collections.ConfigDict, workdir: pathlib.Path, writer: bool,
-                train_fn: TrainFn | None) -> SearchResult:
+def _run_search(config: ml_collections.ConfigDict, settings: SearchSettings,
+                workdir: pathlib.Path, writer: bool, train_fn: TrainFn | None) -> SearchResult:
     relevant, config_hash = config_fingerprint(config)
     state = load_state(workdir) if workdir.exists() else None
     if state is not None and state.config_hash != config_hash:
@@ -294,9 +286,9 @@ def _run_search(config: ml_collections.ConfigDict, workdir: pathlib.Path, writer
         state = dataclasses.replace(state, config=relevant, config_hash=config_hash,
                                     config_changes=(*state.config_changes, diff))
     dataset = data_lib.load_dataset(config.data)
-    if not config.search.evaluate_test:
+    if not settings.search.evaluate_test:
         dataset = dataclasses.replace(dataset, test=None)
-    if config.search.accuracy_metric != "test_accuracy" and dataset.validation is None:
+    if settings.search.accuracy_metric != "test_accuracy" and dataset.validation is None:
         raise ConfigError(f"dataset {dataset.name!r} has no validation split to select "
                          "candidates on: set config.data.validation_size > 0")
     skeleton = train_lib.skeleton_from_config(config, dataset)
@@ -306,14 +298,14 @@ def _run_search(config: ml_collections.ConfigDict, workdir: pathlib.Path, writer
     else:
         logging.info("resuming the search in %s at round %d (%d candidates trained)", workdir,
                      len(state.rounds) - 1, state.num_trained)
-    state = dataclasses.replace(state, summary=_summary(config, skeleton))
+    state = dataclasses.replace(state, summary=_summary(config, settings, skeleton))
     if writer:
         atomic_write(workdir / CONFIG_FILE,
                      json.dumps(to_plain(config), indent=1, sort_keys=True) + "\n")
     if state.finished:
-        state = _reopen_if_stopped_for_a_retry(state, config)
-    search = _Search(config, workdir, state, skeleton,
-                     train_fn or CandidateTrainer(config, dataset, workdir), writer,
+        state = _reopen_if_stopped_for_a_retry(state, settings)
+    search = _Search(settings, workdir, state, skeleton,
+                     train_fn or CandidateTrainer(settings, dataset, workdir), writer,
                      elapsed_before=state.elapsed_seconds)
     if state.finished:
         search.save(plots=True)  # regenerate the outputs, nothing to run

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import ml_collections
 import numpy as np
 
 from memnas_jax import controller as controller_lib
@@ -14,8 +13,8 @@ from memnas_jax import ranking, reports
 from memnas_jax.grow_trim import Candidate, generate_candidates, initial_candidates
 from memnas_jax.memory import memory_report
 from memnas_jax.reward import RewardConfig, filter_by_budget, memory_efficient_reward
-from memnas_jax.search.config import grow_trim_options, reward_config_of
 from memnas_jax.search.seeds import seeded_sample
+from memnas_jax.search.settings import SearchSettings
 from memnas_jax.search.state import Base, Entry, Reference, Round, SearchState
 from memnas_jax.space import Skeleton
 
@@ -34,30 +33,30 @@ def _new_entry(candidate: Candidate, skeleton: Skeleton, convention: str,
         total_bytes=report.total_bytes, predicted_score=predicted_score)
 
 
-def plan_round(round_index: int, base: Base | None, config: ml_collections.ConfigDict,
+def plan_round(round_index: int, base: Base | None, settings: SearchSettings,
                skeleton: Skeleton, controller_state: controller_lib.ControllerState | None,
                controller_round: int | None) -> Round:
     """A new round: its candidates, the budget filter and the training plan (entries in
     training order, all pending)."""
-    options = grow_trim_options(config, round_index)
+    options = settings.grow_trim_options(round_index)
     if base is None:
         candidates = initial_candidates(skeleton.num_blocks, options)
     else:
         candidates = generate_candidates(base.architecture, options)
     num_generated = len(candidates)
-    convention = config.memory.convention
+    convention = settings.memory.convention
     entries: dict[str, Entry] = {}  # memory analysed once per candidate
-    if config.memory.budget_mb > 0:
+    if settings.memory.budget_mb > 0:
         entries = {c.arch_hash: _new_entry(c, skeleton, convention) for c in candidates}
         candidates = filter_by_budget(
             candidates, lambda arch: entries[arch.canonical_hash()].total_bytes,
-            config.memory.budget_mb * reports.MB)
-    s = config.search
+            settings.memory.budget_mb * reports.MB)
+    s = settings.search
     scores = None
     if round_index < s.full_train_rounds:
         cap = s.full_train_cap or len(candidates)
         mode = "full" if cap >= len(candidates) else "sampled"
-        chosen = seeded_sample([c.arch_hash for c in candidates], cap, config.seed, round_index)
+        chosen = seeded_sample([c.arch_hash for c in candidates], cap, settings.seed, round_index)
     elif controller_state is not None and candidates:
         mode = "controller"
         scores = controller_lib.predict(controller_state,
@@ -65,7 +64,7 @@ def plan_round(round_index: int, base: Base | None, config: ml_collections.Confi
         chosen = [int(i) for i in ranking.predicted_top_k(scores, min(s.top_k, len(candidates)))]
     else:  # no controller could be fitted yet (too few successful candidates)
         mode = "sampled"
-        chosen = seeded_sample([c.arch_hash for c in candidates], s.top_k, config.seed,
+        chosen = seeded_sample([c.arch_hash for c in candidates], s.top_k, settings.seed,
                                round_index)
     planned = []
     for i in chosen:
@@ -113,24 +112,24 @@ def with_reward(entry: Entry, reference: Reference | None,
     return dataclasses.replace(entry, reward=entry_reward(entry, reference, reward_config))
 
 
-def select_winner(rnd: Round, config: ml_collections.ConfigDict) -> Round:
+def select_winner(rnd: Round, settings: SearchSettings) -> Round:
     """The round with its reference, every successful entry's reward, its best candidate and
     its winner (None when nothing improved on the base and the search stops on that), in phase
     "selected"."""
     reference = round_reference(rnd)
-    reward_config = reward_config_of(config)
+    reward_config = settings.reward
     rnd = dataclasses.replace(
         rnd, reference=reference, phase="selected",
         entries=tuple(with_reward(e, reference, reward_config) for e in rnd.entries))
     ok = [e for e in rnd.entries if e.ok]
     if not ok:
         return rnd
-    if rnd.base is None and config.search.round0_selection == "accuracy":
+    if rnd.base is None and settings.search.round0_selection == "accuracy":
         best = max(ok, key=lambda e: e.accuracy)  # max keeps the first of equals
     else:
         best = max(ok, key=lambda e: e.reward)
     improves = rnd.base is None or best.reward > 0
-    winner = best.hash if improves or not config.search.stop_when_no_improvement else None
+    winner = best.hash if improves or not settings.search.stop_when_no_improvement else None
     tau = None
     scored = [e for e in ok if e.predicted_score is not None]
     if len(scored) >= 2:
@@ -140,10 +139,10 @@ def select_winner(rnd: Round, config: ml_collections.ConfigDict) -> Round:
     return dataclasses.replace(rnd, best_reward=best.reward, winner=winner, controller_tau=tau)
 
 
-def stop_reason(state: SearchState, config: ml_collections.ConfigDict) -> str | None:
+def stop_reason(state: SearchState, settings: SearchSettings) -> str | None:
     """Why no further round follows the last (selected) round, or None."""
     rnd = state.rounds[-1]
-    r, s = rnd.round, config.search
+    r, s = rnd.round, settings.search
     if not any(e.ok for e in rnd.entries):
         if not rnd.entries:
             return f"no candidate of round {r} is within the memory budget"
@@ -158,11 +157,11 @@ def stop_reason(state: SearchState, config: ml_collections.ConfigDict) -> str | 
     return None
 
 
-def planned_candidates(state: SearchState, config: ml_collections.ConfigDict) -> list[int]:
+def planned_candidates(state: SearchState, settings: SearchSettings) -> list[int]:
     """Candidates to train in each round up to the round cap: the planned rounds' entries, then
     `full_train_cap` (else as many as the last round generated) while rounds are trained in
     full, `top_k` after."""
-    s, rounds = config.search, state.rounds
+    s, rounds = settings.search, state.rounds
     counts = [len(r.entries) for r in rounds]
     generated = rounds[-1].num_generated if rounds else 0
     for r in range(len(rounds), s.max_rounds):

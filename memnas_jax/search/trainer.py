@@ -9,12 +9,12 @@ import shutil
 from typing import Callable, Sequence
 
 import jax
-import ml_collections
 
 from memnas_jax import data as data_lib
 from memnas_jax import packed as packed_lib
 from memnas_jax import train as train_lib
 from memnas_jax.encoding import Architecture
+from memnas_jax.search.settings import SearchSettings
 from memnas_jax.space import Skeleton
 from memnas_jax.template import RoundTemplate
 
@@ -32,14 +32,13 @@ class CandidateTrainer:
     `compile` makes a candidate's programs without training it, so that the search can compile
     the next candidates while one trains (`memnas_jax.compile_ahead`)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
+    def __init__(self, settings: SearchSettings, dataset: data_lib.Dataset,
                  workdir: pathlib.Path):
-        settings = train_lib.TrainSettings.from_config(config.train, "config.train")
         self.settings = dataclasses.replace(
-            settings, compilation_cache_dir=train_lib.compilation_cache_path(
-                settings.compilation_cache_dir, workdir))
+            settings.train, compilation_cache_dir=train_lib.compilation_cache_path(
+                settings.train.compilation_cache_dir, workdir))
         self.dataset, self.workdir = dataset, workdir
-        self.candidate_checkpoints = config.search.candidate_checkpoints
+        self.candidate_checkpoints = settings.search.candidate_checkpoints
 
     def compile(self, arch: Architecture, skeleton: Skeleton) -> train_lib.CandidatePrograms:
         return train_lib.compile_candidate(arch, self.settings, self.dataset,

@@ -2,7 +2,7 @@
 groups) or packed (`memnas_jax.packed`), recording each result in the round and saving.
 
 `RoundTraining` is the part of the search run (`loop._Search`) that does this; it reads the run's
-`config`, `state`, `skeleton`, `train_fn` and `writer`, replaces its `state` with each result and
+`settings`, `state`, `skeleton`, `train_fn` and `writer`, replaces its `state` with each result and
 calls its `save`."""
 
 from __future__ import annotations
@@ -19,12 +19,6 @@ from memnas_jax import packed as packed_lib
 from memnas_jax import train as train_lib
 from memnas_jax.compile_ahead import CompileAhead, resolve_depth
 from memnas_jax.errors import ConfigError
-from memnas_jax.search.config import (
-    candidate_groups,
-    compile_ahead,
-    packing_options,
-    reward_config_of,
-)
 from memnas_jax.search.policy import round_reference, with_reward
 from memnas_jax.search.progress import log_entry, progress_bar
 from memnas_jax.search.seeds import candidate_key
@@ -51,7 +45,7 @@ class RoundTraining:
         reference is known (rounds >= 1: the base)."""
         rnd = self.current_round
         if reward_round and rnd.base is not None:
-            entry = with_reward(entry, round_reference(rnd), reward_config_of(self.config))
+            entry = with_reward(entry, round_reference(rnd), self.settings.reward)
         self.set_round(rnd.with_entry(index, entry))
 
     def train_pending(self) -> None:
@@ -62,11 +56,11 @@ class RoundTraining:
             return
         rnd = self.current_round
         bar = progress_bar(len(rnd.entries), rnd.num_trained, f"round {rnd.round} ({rnd.mode})",
-                           self.writer and self.config.output.progress_bar)
+                           self.writer and self.settings.output.progress_bar)
         # With candidate groups, G pending candidates train at once (candidate_parallel); each
         # result is what training it alone gives, so the state after each save is the same as
         # in a one-by-one run and a resume stays exact.
-        groups = candidate_groups(self.config)
+        groups = self.settings.parallel.candidate_groups
         entries = rnd.entries
         pending = [i for i, e in enumerate(entries) if not e.trained]
         previous = {i: self.previous_result(entries[i].hash, rnd.round) for i in pending}
@@ -126,12 +120,13 @@ class RoundTraining:
         return self.current_round.packing
 
     def resolve_packing(self, rnd: Round) -> Packing | None:
-        mode, pack_size, selection = packing_options(self.config)
+        p = self.settings.parallel
+        mode, pack_size, selection = p.packing, p.pack_size, p.pack_selection
         if mode == "standalone":
             return None
         why_not = (self.train_fn.why_not_packed() if hasattr(self.train_fn, "why_not_packed")
                    else "the search's train_fn trains one candidate at a time")
-        if why_not is None and candidate_groups(self.config) > 1:
+        if why_not is None and p.candidate_groups > 1:
             why_not = "parallel.candidate_groups > 1"
         if why_not is not None:
             if mode == "packed":
@@ -168,7 +163,7 @@ class RoundTraining:
         pending = [i for i, e in enumerate(entries) if not e.trained]
         bar = progress_bar(len(entries), len(entries) - len(pending),
                            f"round {rnd.round} ({rnd.mode}, packed)",
-                           self.writer and self.config.output.progress_bar)
+                           self.writer and self.settings.output.progress_bar)
         template = self.round_template(rnd)
 
         def finish_entry(i: int) -> None:
@@ -191,7 +186,7 @@ class RoundTraining:
                 size = packing.pack_size
                 chunk = to_train[:size]
                 archs = [entries[i].architecture for i in chunk]
-                keys = [candidate_key(self.config.seed, entries[i].hash) for i in chunk]
+                keys = [candidate_key(self.settings.seed, entries[i].hash) for i in chunk]
                 compile_seconds = 0.0
                 try:
                     if programs is None or programs.pack_size != size:
@@ -230,7 +225,7 @@ class RoundTraining:
     def out_of_memory_stop(self) -> str | None:
         """Why to stop when the last `search.max_consecutive_oom` trained candidates all ran
         out of device memory (counted over the state, so a resume keeps the streak)."""
-        limit = self.config.search.get("max_consecutive_oom", 0)
+        limit = self.settings.search.max_consecutive_oom
         streak = 0
         for _, entry in self.state.trained_entries():
             if entry.reused_from_round is not None:
@@ -247,14 +242,14 @@ class RoundTraining:
     def compile_ahead_depth(self) -> int:
         """Candidates to compile ahead: with one candidate group and a trainer that can compile
         (candidate groups overlap their compiles already)."""
-        if candidate_groups(self.config) > 1 or not hasattr(self.train_fn, "compile"):
+        if self.settings.parallel.candidate_groups > 1 or not hasattr(self.train_fn, "compile"):
             return 0
-        return resolve_depth(compile_ahead(self.config))
+        return resolve_depth(self.settings.parallel.compile_ahead)
 
     def previous_result(self, arch_hash: str, round_index: int) -> tuple[int, Entry] | None:
         """(round, entry) of the first earlier result of this architecture, when
         `search.reuse_trained`."""
-        if not self.config.search.reuse_trained:
+        if not self.settings.search.reuse_trained:
             return None
         for rnd in self.state.rounds[:round_index]:
             for e in rnd.entries:
@@ -267,11 +262,11 @@ class RoundTraining:
         programs when they were compiled ahead, on its candidate group's mesh with groups."""
         extra = {k: v for k, v in dict(programs=programs, mesh=mesh).items() if v is not None}
         return self.train_fn(entry.architecture, self.skeleton,
-                             candidate_key(self.config.seed, entry.hash), **extra)
+                             candidate_key(self.settings.seed, entry.hash), **extra)
 
     def recorded_entry(self, entry: Entry, result: train_lib.TrainResult) -> Entry:
         """The entry with `result` (a result without a finite accuracy counts as failed)."""
-        metric = self.config.search.accuracy_metric
+        metric = self.settings.search.accuracy_metric
         accuracy, status, message = getattr(result, metric), result.status, result.message
         if status == "ok" and (accuracy is None or not math.isfinite(accuracy)):
             status = "failed"

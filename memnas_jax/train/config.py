@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from typing import Any, Mapping
 
 import jax
@@ -16,6 +15,7 @@ from absl import logging
 
 from memnas_jax import data as data_lib
 from memnas_jax import ops
+from memnas_jax import settings as settings_lib
 from memnas_jax.errors import ConfigError
 from memnas_jax.space import Skeleton, cifar_skeleton, imagenet_skeleton
 
@@ -77,12 +77,10 @@ class TrainSettings:
         checked: a wrong field, type or value raises `ConfigError` naming `where`.field."""
         if isinstance(config, TrainSettings):
             return config
-        values = _fields_of(cls, config, where, skip=("data", "skeleton"))
-        augment = values.get("augment", AugmentSettings())
-        if not isinstance(augment, AugmentSettings):
-            values["augment"] = AugmentSettings(**_fields_of(AugmentSettings, augment,
-                                                             f"{where}.augment"))
-        settings = cls(**values)
+        augment = settings_lib.from_config(AugmentSettings, config.get("augment"),
+                                           f"{where}.augment")
+        settings = settings_lib.from_config(cls, config, where, skip=("data", "skeleton"),
+                                            augment=augment)
         settings.check(where)
         return settings
 
@@ -106,46 +104,6 @@ class TrainSettings:
             raise ConfigError(f"{where}.label_smoothing must be in [0, 1), got "
                               f"{self.label_smoothing}")
 
-    def to_config(self) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict(dataclasses.asdict(self))
-
-
-def _fields_of(cls, config: Mapping[str, Any], where: str, skip: tuple[str, ...] = ()
-               ) -> dict[str, Any]:
-    """The fields of `cls` in `config`, each of its annotated type (an int is a float too; a
-    list of ints a tuple), or ConfigError naming the field."""
-    if not isinstance(config, Mapping) and not hasattr(config, "items"):
-        raise ConfigError(f"{where} is a {type(config).__name__}, not a config")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in config.items():
-        if name in skip:
-            continue
-        if name not in hints:
-            raise ConfigError(f"{where}.{name} is not a setting; the settings are "
-                              f"{sorted(hints)}")
-        values[name] = _typed(value, hints[name], f"{where}.{name}")
-    return values
-
-
-def _typed(value: Any, hint: Any, name: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return value  # a section, converted by its owner
-    if typing.get_origin(hint) is tuple:
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-            raise ConfigError(f"{name} must be a sequence of integers, got {value!r}")
-        items = tuple(value)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-            raise ConfigError(f"{name} must be a sequence of integers, got {value!r}")
-        return items
-    ok = {bool: isinstance(value, bool),
-          int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
-          str: isinstance(value, str)}[hint]
-    if not ok:
-        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
-    return float(value) if hint is float else value
-
 
 def check_config(config: Mapping[str, Any] | TrainSettings, where: str = "config") -> None:
     """Raises ConfigError for a training config no candidate could train with."""
@@ -156,7 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
     """`TrainSettings()` as a ConfigDict, with the data (`data.default_data_config`) and the
     skeleton (`skeleton_from_config`): width 64; selection on a 5,000-image validation split
     held out of the training set (the authors chose on the test set)."""
-    c = TrainSettings().to_config()
+    c = settings_lib.to_config(TrainSettings())
     c.data = data_lib.default_data_config()
     c.skeleton = ml_collections.ConfigDict(dict(
         kind="cifar",  # "cifar" (cifar_skeleton) or "imagenet" (imagenet_skeleton)
