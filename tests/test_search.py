@@ -176,6 +176,18 @@ def test_rounds_select_by_reward_against_the_previous_winner(tmp_path):
     assert result.architecture.canonical_hash() == result.arch_hash
 
 
+def test_update_hooks_see_every_saved_state(tmp_path):
+    seen = []
+    result = search.run_search(_config(max_rounds=2), tmp_path, train_fn=ScriptedTrainer(),
+                               on_update=[lambda state, round_ended: seen.append(
+                                   (len(state.trained_entries()), round_ended))])
+    assert seen[-1] == (result.num_trained, True)  # the last save ends the search
+    trained = [n for n, _ in seen]
+    assert trained == sorted(trained) and set(range(result.num_trained + 1)) <= set(trained)
+    assert sum(ended for _, ended in seen) >= result.num_rounds  # each round's end, at least
+    assert search.load_state(tmp_path) == _state(tmp_path)
+
+
 def test_round0_median_reward_selection_and_memory_of_entries(tmp_path):
     config = _config(max_rounds=1, round0_selection="median_reward", full_train_cap=6)
     search.run_search(config, tmp_path, train_fn=ScriptedTrainer())

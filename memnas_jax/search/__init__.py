@@ -53,8 +53,10 @@ The package, one job per module:
   and file (atomic, checksummed, previous copy kept, format-versioned), and the `SearchResult`;
 * `trainer`: `CandidateTrainer`, what trains a candidate or a pack (standalone and packed);
 * `training`: a round's candidates trained with it and recorded (standalone, groups or packs);
+* `fitting`: the controller refitted after each round, saved, restored after a resume;
 * `progress`: the progress bar and the log lines;
-* `loop`: `run_search`, the round state machine over the above;
+* `loop`: `run_search`, the round state machine over the above; after each save it calls the
+  update hooks (the reports of the work directory, and the caller's `on_update`);
 * `experiment`: `run_experiment`, what the experiment mains run.
 """
 
@@ -66,7 +68,8 @@ from memnas_jax.search.config import (
     default_config,
 )
 from memnas_jax.search.experiment import run_experiment
-from memnas_jax.search.loop import CONTROLLER_DIR, TIME_BUDGET_STOP, run_search
+from memnas_jax.search.fitting import CONTROLLER_DIR
+from memnas_jax.search.loop import TIME_BUDGET_STOP, UpdateHook, run_search
 from memnas_jax.search.policy import plan_round, planned_candidates, select_winner, stop_reason
 from memnas_jax.search.seeds import candidate_key, derive_seed, seeded_sample
 from memnas_jax.search.settings import (
@@ -116,7 +119,8 @@ __all__ = [
     "Base", "CandidateTrainer", "ConfigMismatchError", "ControllerFit", "ControllerRef", "Entry",
     "GrowTrimSettings", "MemorySettings", "OutputSettings", "Packing", "ParallelSettings",
     "Reference", "Round", "SearchResult", "SearchRules", "SearchSettings", "SearchState",
-    "StateError", "TrainFn", "Winner", "candidate_key", "check_config", "config_fingerprint",
+    "StateError", "TrainFn", "UpdateHook", "Winner", "candidate_key", "check_config",
+    "config_fingerprint",
     "controller_vocab_sizes", "default_config", "derive_seed", "load_state", "plan_round",
     "planned_candidates", "run_experiment", "run_search", "save_state", "seeded_sample",
     "select_winner", "stop_reason",

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import time
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
@@ -22,14 +22,13 @@ from memnas_jax import train as train_lib
 from memnas_jax.errors import ConfigError
 from memnas_jax.io import atomic_write
 from memnas_jax.search.config import ConfigMismatchError, config_diff, config_fingerprint, to_plain
+from memnas_jax.search.fitting import ControllerFitting
 from memnas_jax.search.policy import plan_round, planned_candidates, select_winner, stop_reason
 from memnas_jax.search.progress import duration_text, log_round
 from memnas_jax.search.settings import SearchSettings
 from memnas_jax.search.state import (
     CONFIG_FILE,
     Base,
-    ControllerFit,
-    ControllerRef,
     SearchResult,
     SearchState,
     load_state,
@@ -41,11 +40,13 @@ from memnas_jax.search.training import OOM_STOP, RoundTraining
 from memnas_jax.space import Skeleton
 from memnas_jax.workdir_lock import WorkdirLock, prepare_workdir
 
-CONTROLLER_DIR = "controller"
+# Called after every save of the state: (the state, whether a round just ended). The reports
+# (tables after every candidate; plots and TensorBoard at round ends) are one such hook.
+UpdateHook = Callable[[SearchState, bool], None]
 
 
 @dataclasses.dataclass
-class _Search(RoundTraining):
+class _Search(RoundTraining, ControllerFitting):
     """The mutable run of one search (kept private: `run_search` is the API)."""
 
     settings: SearchSettings
@@ -56,36 +57,20 @@ class _Search(RoundTraining):
     writer: bool
     controller_state: controller_lib.ControllerState | None = None
     controller_state_round: int | None = None
+    on_save: tuple[UpdateHook, ...] = ()  # after each save: (state, round ended)
     seconds_trained: list = dataclasses.field(default_factory=list)  # this process's candidates
     run_start: float = dataclasses.field(default_factory=time.perf_counter)
     elapsed_before: float = 0.0  # wall seconds of the earlier runs of this search
 
     # ----- persistence
     def save(self, plots: bool = False) -> None:
+        """Saves the state (process 0) and calls the update hooks; `plots`: a round ended."""
         self.state = dataclasses.replace(self.state, elapsed_seconds=self.elapsed_seconds())
         if not self.writer:
             return
         save_state(self.state, self.workdir)
-        out = self.settings.output
-        reports.write_all(self.state, self.workdir, plots=plots and out.plots,
-                          tensorboard=plots and out.tensorboard,
-                          leaderboard_rows=out.leaderboard_rows)
-
-    def latest_controller(self) -> controller_lib.ControllerState | None:
-        """The controller of the newest fit: in memory, else read from the work directory
-        (after a resume); an unreadable one is refitted from scratch, with a warning."""
-        info = self.state.controller
-        if info is None:
-            return None
-        if self.controller_state_round != info.round:
-            try:
-                self.controller_state = controller_lib.restore(self.workdir / info.path)
-                self.controller_state_round = info.round
-            except (OSError, ValueError) as e:
-                logging.warning("controller of round %d unreadable (%s): refitting it on the "
-                                "candidates so far, without its warm start", info.round, e)
-                self.fit_controller(info.round, warm_start=False)
-        return self.controller_state
+        for hook in self.on_save:
+            hook(self.state, plots)
 
     # ----- one round
     def log_plan(self) -> None:
@@ -102,47 +87,6 @@ class _Search(RoundTraining):
                      f"{duration_text(per * remaining)} more (later rounds train larger networks: "
                      "expect more; the round cap and the stopping rules may end it sooner)")
         logging.info("%s", text)
-
-
-    def fit_controller(self, round_index: int, warm_start: bool = True) -> None:
-        """Refits the controller on every successful candidate of the rounds up to
-        `round_index`, warm-started from the previous fit."""
-        target = self.settings.search.controller_target
-        tokens, targets, groups = [], [], []
-        for r in self.state.rounds[:round_index + 1]:
-            for e in r.entries:
-                if e.ok and e.reward is not None:
-                    tokens.append(e.architecture.to_tokens())
-                    targets.append(e.reward if target == "reward" else e.accuracy)
-                    groups.append(r.round if target == "reward" else 0)
-        if len(tokens) < 2:
-            logging.warning("round %d: %d successful candidates so far, too few to fit the "
-                            "controller", round_index, len(tokens))
-            return
-        start = time.perf_counter()
-        fitted = controller_lib.fit(
-            tokens, np.asarray(targets), np.asarray(groups),
-            init_state=self.latest_controller() if warm_start else None,
-            config=self.settings.controller_config(round_index, self.skeleton.num_blocks))
-        # Every process fits the same controller; process 0's copy is the one all use, so a
-        # last-bit difference between hosts (GPU atomics) cannot make them plan different rounds.
-        fitted = dataclasses.replace(fitted, params=distributed.same_on_all_processes(
-            fitted.params))
-        path = pathlib.Path(CONTROLLER_DIR) / f"round_{round_index:03d}"
-        if self.writer:
-            controller_lib.save(fitted, self.workdir / path, overwrite=True)
-        holdout_tau = fitted.holdout_tau if math.isfinite(fitted.holdout_tau) else None
-        fit = ControllerFit(num_candidates=len(tokens), steps=fitted.steps,
-                            seconds=time.perf_counter() - start)
-        self.set_round(dataclasses.replace(self.state.rounds[round_index], controller_fit=fit,
-                                           controller_holdout_tau=holdout_tau))
-        self.state = dataclasses.replace(self.state, controller=ControllerRef(round_index,
-                                                                              str(path)))
-        self.controller_state, self.controller_state_round = fitted, round_index
-        logging.info("round %d: controller fitted on %d candidates in %.1f s (%d steps, "
-                     "held-out Kendall tau %s)", round_index, len(tokens),
-                     time.perf_counter() - start, fitted.steps,
-                     "n/a" if holdout_tau is None else f"{holdout_tau:+.3f}")
 
     def finish(self, reason: str) -> None:
         self.state = dataclasses.replace(self.state, status="finished", stop_reason=reason)
@@ -248,7 +192,8 @@ def _summary(config: ml_collections.ConfigDict, settings: SearchSettings, skelet
 
 
 def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-               train_fn: TrainFn | None = None) -> SearchResult:
+               train_fn: TrainFn | None = None, on_update: Sequence[UpdateHook] = ()
+               ) -> SearchResult:
     """Runs (or resumes) the MemNAS search of `config` in `workdir` and returns its answer.
 
     train_fn(architecture, skeleton, key) -> `train.TrainResult` replaces candidate training
@@ -257,6 +202,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     its candidates compiled ahead (`config.parallel.compile_ahead`), the programs passed back
     as `train_fn(..., programs=future)`. With `parallel.candidate_groups` > 1 it is called as
     `train_fn(..., mesh=mesh)`, with the data mesh of the candidate's device group.
+    on_update: hooks `hook(state, round_ended)` called (in process 0) after each save of the
+    `SearchState`, after the reports of the work directory are written.
     Raises ConfigMismatchError when `workdir` holds a search made with another config (unless
     `config.resume_with_changed_config`), StateError when its state files are unreadable,
     WorkdirLockedError when another live process runs a search there (all `UserError`s).
@@ -265,14 +212,25 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     workdir = pathlib.Path(workdir).absolute()
     writer = jax.process_index() == 0
     if not writer:
-        return _run_search(config, settings, workdir, writer, train_fn)
+        return _run_search(config, settings, workdir, writer, train_fn, on_update)
     prepare_workdir(workdir)
     with WorkdirLock(workdir, "search"):  # one owner: a second search here is refused
-        return _run_search(config, settings, workdir, writer, train_fn)
+        return _run_search(config, settings, workdir, writer, train_fn, on_update)
+
+
+def _report_writer(workdir: pathlib.Path, settings: SearchSettings) -> UpdateHook:
+    out = settings.output
+
+    def write(state: SearchState, round_ended: bool) -> None:
+        reports.write_all(state, workdir, plots=round_ended and out.plots,
+                          tensorboard=round_ended and out.tensorboard,
+                          leaderboard_rows=out.leaderboard_rows)
+    return write
 
 
 def _run_search(config: ml_collections.ConfigDict, settings: SearchSettings,
-                workdir: pathlib.Path, writer: bool, train_fn: TrainFn | None) -> SearchResult:
+                workdir: pathlib.Path, writer: bool, train_fn: TrainFn | None,
+                on_update: Sequence[UpdateHook]) -> SearchResult:
     relevant, config_hash = config_fingerprint(config)
     state = load_state(workdir) if workdir.exists() else None
     if state is not None and state.config_hash != config_hash:
@@ -306,6 +264,7 @@ def _run_search(config: ml_collections.ConfigDict, settings: SearchSettings,
         state = _reopen_if_stopped_for_a_retry(state, settings)
     search = _Search(settings, workdir, state, skeleton,
                      train_fn or CandidateTrainer(settings, dataset, workdir), writer,
+                     on_save=(_report_writer(workdir, settings), *on_update),
                      elapsed_before=state.elapsed_seconds)
     if state.finished:
         search.save(plots=True)  # regenerate the outputs, nothing to run
