@@ -97,8 +97,8 @@ def round_candidates(config, skeleton, round_index: int, base_cells: int, count:
 
 def worker(spec: dict) -> dict:
     """One mode, in this (fresh) process: trains the candidates and times them."""
-    from memnas_jax import sharding
-    sharding.disable_cpu_ynn_fusions()  # as the search mains do
+    from memnas_jax import xla_flags
+    xla_flags.disable_cpu_ynn_fusions()  # as the search mains do
     import jax
 
     from memnas_jax import data as data_lib

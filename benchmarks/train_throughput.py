@@ -31,7 +31,9 @@ import time
 
 from absl import app, flags
 
-from memnas_jax import sharding  # imports jax; starts no backend
+from memnas_jax import (
+    xla_flags,
+)
 
 _WIDTHS = flags.DEFINE_list("widths", ["32", "64"], "Block widths w (uniform schedule).")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2"], "XLA host device counts to compare.")
@@ -45,7 +47,7 @@ _PEAK = flags.DEFINE_float("peak_gflops", 234.0, "fp32 peak of this CPU in GFLOP
 _SKIP = flags.DEFINE_list("skip", [], "Settings to leave out, as net:width:impl (e.g. "
                           "six_cell:64:xla, minutes per step on 2 cores).")
 _YNN = flags.DEFINE_list("ynn_fusions", ["off"], "XLA:CPU YNNPACK fusions to compare: off "
-                         "(what the mains set, sharding.disable_cpu_ynn_fusions) and/or on.")
+                         "(what the mains set, xla_flags.disable_cpu_ynn_fusions) and/or on.")
 _WORKER = flags.DEFINE_integer("worker_devices", 0, "Internal: run the JAX settings here.")
 _WORKER_YNN = flags.DEFINE_string("worker_ynn", "off", "Internal: the worker's YNN setting.")
 _OUT = flags.DEFINE_string("out", "", "Also write the rows as JSON to this file.")
@@ -349,7 +351,7 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (f"{base_flags} --xla_force_host_platform_device_count="
                                    f"{devices}").strip()
         if ynn == "off":
-            sharding.disable_cpu_ynn_fusions()  # XLA_FLAGS for the worker, as the mains do
+            xla_flags.disable_cpu_ynn_fusions()  # XLA_FLAGS for the worker, as the mains do
         env = dict(os.environ)
         os.environ["XLA_FLAGS"] = base_flags
         # Rows stream back as the worker prints them, so a long run shows progress.

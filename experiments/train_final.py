@@ -21,7 +21,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from memnas_jax import sharding  # imports jax, starts no backend
+from memnas_jax import xla_flags  # imports jax, starts no backend
 from memnas_jax.errors import UserError, exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -66,8 +66,8 @@ def _main():
     if bool(_ARCH.value) == bool(_BASELINE.value):
         raise UserError("give exactly one of --arch=FILE (a searched architecture) and "
                         "--baseline=NAME (resnet20, resnet56, resnet110, mobilenetv2)")
-    sharding.set_host_device_count(_HOST_DEVICES.value or min(os.cpu_count() or 1, 8))
-    sharding.disable_cpu_ynn_fusions()  # ~6x faster CPU convolutions (jaxlib 0.10)
+    xla_flags.set_host_device_count(_HOST_DEVICES.value or min(os.cpu_count() or 1, 8))
+    xla_flags.disable_cpu_ynn_fusions()  # ~6x faster CPU convolutions (jaxlib 0.10)
     from memnas_jax import baselines, distributed, workdir_lock
 
     distributed.initialize()

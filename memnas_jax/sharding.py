@@ -13,94 +13,15 @@ the mesh then spans all global devices and `host_batch_to_global` assembles the 
 
 from __future__ import annotations
 
-import os
-import pathlib
-import re
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from memnas_jax import xla_flags
+
 DATA_AXIS = "data"
-_HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
-# XLA:CPU aborts the process when a device thread waits at a collective longer than this; on a
-# busy host a starved device thread can exceed a short limit, so allow an hour.
-_CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
-CPU_COLLECTIVE_TIMEOUT_SECONDS = 3600
-
-
-def set_host_device_count(count: int) -> bool:
-    """Asks XLA for `count` CPU devices (a 2-core host trains faster with 2 devices and the batch
-    sharded: benchmarks/README.md), with a long collective timeout. Effective only
-    before JAX initialises its backends (importing jax is fine; the first `jax.devices()` is
-    not); returns False, changing nothing, when it is too late or XLA_FLAGS already names a
-    count."""
-    if count < 1:
-        raise ValueError(f"host device count must be >= 1, got {count}")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if _HOST_DEVICE_FLAG in flags or _backends_initialized():
-        return False
-    os.environ["XLA_FLAGS"] = _with_flag(_with_flag(flags, _HOST_DEVICE_FLAG, count),
-                                         _CPU_COLLECTIVE_TIMEOUT_FLAG,
-                                         CPU_COLLECTIVE_TIMEOUT_SECONDS)
-    return True
-
-
-def _with_flag(flags: str, name: str, value: Any) -> str:
-    """XLA_FLAGS text `flags` with `name=value` appended, unless it already sets `name`."""
-    return flags if name in flags else f"{flags} {name}={value}".strip()
-
-
-_YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-
-
-def disable_cpu_ynn_fusions() -> bool:
-    """Turns off XLA:CPU's experimental YNNPACK fusions (`--xla_cpu_experimental_ynn_fusion_type=`
-    in XLA_FLAGS): with them jaxlib 0.10's CPU convolutions run several times slower on this
-    project's machines (benchmarks/README.md). Like
-    `set_host_device_count`, effective only before JAX starts its backends; returns False,
-    changing nothing, when it is too late, XLA_FLAGS already sets the flag, or this jaxlib does
-    not know it (XLA aborts on unknown flags)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if (_YNN_FUSION_FLAG in flags or _backends_initialized()
-            or not _xla_knows_flag(_YNN_FUSION_FLAG[2:])):
-        return False
-    os.environ["XLA_FLAGS"] = _with_flag(flags, _YNN_FUSION_FLAG, "")
-    return True
-
-
-def _xla_knows_flag(name: str) -> bool:
-    """Whether the installed jaxlib defines the XLA flag `name` (its libraries hold the name)."""
-    import mmap
-
-    import jaxlib
-    needle = name.encode()
-    for path in sorted(pathlib.Path(jaxlib.__file__).parent.glob("*.so"),
-                       key=lambda f: -f.stat().st_size):  # the big library holds XLA
-        try:
-            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                if m.find(needle) >= 0:
-                    return True
-        except (OSError, ValueError):
-            continue
-    return False
-
-
-def host_device_count_flag() -> int | None:
-    """The CPU device count requested in XLA_FLAGS, or None."""
-    match = re.search(_HOST_DEVICE_FLAG + r"=(\d+)", os.environ.get("XLA_FLAGS", ""))
-    return int(match.group(1)) if match else None
-
-
-def _backends_initialized() -> bool:
-    try:
-        from jax._src import xla_bridge
-        return bool(xla_bridge._backends)
-    except (ImportError, AttributeError):  # private API moved: assume the worst
-        return True
-
-
 def make_data_mesh(num_devices: int = 0, devices: Sequence[jax.Device] | None = None
                    ) -> Mesh:
     """A 1-D mesh over the first `num_devices` (0 = all) of `devices` (default: all of
@@ -113,7 +34,7 @@ def make_data_mesh(num_devices: int = 0, devices: Sequence[jax.Device] | None = 
     if num_devices < 0 or num_devices > len(devices):
         raise ValueError(f"asked for {num_devices} devices but {len(devices)} are available "
                          f"({jax.default_backend()}); on CPU set XLA_FLAGS="
-                         f"{_HOST_DEVICE_FLAG}=N before JAX starts")
+                         f"{xla_flags.HOST_DEVICE_FLAG}=N before JAX starts")
     return Mesh(np.asarray(devices[:num_devices or len(devices)]), (DATA_AXIS,))
 
 
@@ -173,10 +94,7 @@ def constrain_batch(tree: Any, mesh: Mesh) -> Any:
 
 
 __all__ = [
-    "CPU_COLLECTIVE_TIMEOUT_SECONDS", "DATA_AXIS", "batch_sharded",
-    "check_batch_size", "constrain_batch",
-    "disable_cpu_ynn_fusions", "host_batch_to_global",
-    "host_device_count_flag", "make_data_mesh", "mesh_size",
-    "process_batch_rows",
-    "replicate", "replicated", "set_host_device_count", "shard_batch",
+    "DATA_AXIS", "batch_sharded", "check_batch_size", "constrain_batch", "host_batch_to_global",
+    "make_data_mesh", "mesh_size", "process_batch_rows", "replicate", "replicated",
+    "shard_batch",
 ]

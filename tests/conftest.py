@@ -7,11 +7,11 @@ import pathlib
 import jax
 import pytest
 
-from memnas_jax import sharding
+from memnas_jax import xla_flags
 
 # As the experiment mains do: XLA:CPU's YNNPACK fusions make CPU convolutions several times
 # slower (README, "Throughput"). Before any test starts JAX's backends.
-sharding.disable_cpu_ynn_fusions()
+xla_flags.disable_cpu_ynn_fusions()
 
 # On NVIDIA GPUs JAX's default precision runs float32 convolutions and matmuls in TF32 (errors
 # ~1e-3), and the numeric tests compare against float32 NumPy at ~1e-5: run them at full float32

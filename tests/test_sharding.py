@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from memnas_jax import sharding
+from memnas_jax import sharding, xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,22 +33,23 @@ def test_batch_size_must_divide():
 
 def test_host_device_flag(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--foo=1 --xla_force_host_platform_device_count=3")
-    assert sharding.host_device_count_flag() == 3
-    assert not sharding.set_host_device_count(2)  # a count is already set: left alone
+    assert xla_flags.host_device_count_flag() == 3
+    assert not xla_flags.set_host_device_count(2)  # a count is already set: left alone
     monkeypatch.setenv("XLA_FLAGS", "")
     jax.devices()  # the backend is up: too late to change the count
-    assert not sharding.set_host_device_count(2)
+    assert not xla_flags.set_host_device_count(2)
     assert os.environ["XLA_FLAGS"] == ""
     with pytest.raises(ValueError, match=">= 1"):
-        sharding.set_host_device_count(0)
+        xla_flags.set_host_device_count(0)
 
 
 FOUR_DEVICE_SCRIPT = '''
 import json, os
 from memnas_jax import sharding
-assert sharding.set_host_device_count(4)  # before the backend starts
-assert sharding.disable_cpu_ynn_fusions()
-assert not sharding.disable_cpu_ynn_fusions()  # already set: left alone
+from memnas_jax import xla_flags
+assert xla_flags.set_host_device_count(4)  # before the backend starts
+assert xla_flags.disable_cpu_ynn_fusions()
+assert not xla_flags.disable_cpu_ynn_fusions()  # already set: left alone
 import jax, jax.numpy as jnp, numpy as np
 mesh = sharding.make_data_mesh()
 batch = sharding.shard_batch(np.arange(8 * 3).reshape(8, 3), mesh)
@@ -66,7 +67,7 @@ ynn_off = os.environ["XLA_FLAGS"].endswith("--xla_cpu_experimental_ynn_fusion_ty
 print(json.dumps(dict(devices=jax.device_count(), shards=shards, total=float(total),
                       replicas=len(params["w"].addressable_shards), error=error, rows=rows,
                       timeout=timeout, ynn_off=ynn_off,
-                      flag=sharding.host_device_count_flag())))
+                      flag=xla_flags.host_device_count_flag())))
 '''
 
 
@@ -88,8 +89,8 @@ def test_four_host_devices_split_the_batch():
 
 
 def test_xla_flags_are_checked_against_the_installed_jaxlib(monkeypatch):
-    assert sharding._xla_knows_flag("xla_force_host_platform_device_count")
-    assert not sharding._xla_knows_flag("xla_cpu_no_such_flag_for_memnas")
+    assert xla_flags._xla_knows_flag("xla_force_host_platform_device_count")
+    assert not xla_flags._xla_knows_flag("xla_cpu_no_such_flag_for_memnas")
     jax.devices()  # the backend is up: too late
     monkeypatch.setenv("XLA_FLAGS", "")
-    assert not sharding.disable_cpu_ynn_fusions() and os.environ["XLA_FLAGS"] == ""
+    assert not xla_flags.disable_cpu_ynn_fusions() and os.environ["XLA_FLAGS"] == ""

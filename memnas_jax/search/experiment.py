@@ -35,13 +35,13 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     (`jax.distributed`), asks for `config.host_device_count` CPU devices and, unless
     `config.cpu_ynn_fusions`, turns XLA:CPU's slow YNNPACK fusions off (both before JAX starts its
     backends), then `run_search` and a closing log line."""
-    from memnas_jax import sharding
+    from memnas_jax import xla_flags
     _quiet_orbax_info()
     distributed.initialize_from_config(config)
     if not config.cpu_ynn_fusions:
-        sharding.disable_cpu_ynn_fusions()
+        xla_flags.disable_cpu_ynn_fusions()
     if config.host_device_count:
-        if not sharding.set_host_device_count(config.host_device_count):
+        if not xla_flags.set_host_device_count(config.host_device_count):
             logging.warning("could not set %d host devices (XLA_FLAGS already names a count, "
                             "or JAX has started)", config.host_device_count)
     if allow_config_change:
