@@ -117,6 +117,22 @@ def test_augment_batch_shapes_and_determinism():
         flip=False, cutout_length=8) == 0).any(axis=(1, 2, 3)))  # cutout holes
 
 
+class AugmentVariantsTest(chex.TestCase):
+    """`augment_batch` gives the same batch traced under jit or run op by op."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_augment_batch_is_the_same_jitted_or_not(self):
+        images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
+
+        def augment(key, x):
+            return data_lib.augment_batch(key, x, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                          crop_padding=2, flip=True, cutout_length=4)
+        out = self.variant(augment)(jax.random.PRNGKey(3), images)
+        chex.assert_shape(out, images.shape)
+        np.testing.assert_allclose(out, jax.jit(augment)(jax.random.PRNGKey(3), images),
+                                   atol=1e-6)
+
+
 def test_epoch_permutation_is_a_permutation_per_key():
     p = np.asarray(data_lib.epoch_permutation(jax.random.PRNGKey(0), 100))
     np.testing.assert_array_equal(np.sort(p), np.arange(100))
