@@ -52,7 +52,7 @@ from memnas_jax.template_network import (
     template_shapes,
     unflatten_paths,
 )
-from memnas_jax.train.evaluate import eval_arrays, eval_splits
+from memnas_jax.train.evaluate import Evaluator
 from memnas_jax.train.programs import flops_per_image, host_device, key_shape
 from memnas_jax.train.steps import epoch_keys, permutation
 
@@ -344,7 +344,7 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
     codes = sharding.replicate(codes_host, mesh)
     active_host = np.arange(k) < n
     train_arrays = sharding.replicate((data.train.images, data.train.labels), mesh)
-    evaluator = _PackEvaluator(programs.eval_step, data, config, mesh, codes, k)
+    evaluator = Evaluator(programs.eval_step, data, config, mesh, pack_size=k, codes=codes)
 
     histories: list[list[dict]] = [[] for _ in range(n)]
     diverged: dict[int, str] = {}
@@ -388,7 +388,7 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
                 active_host[c] = False
                 histories[c].append(dict(epoch=epoch + 1, train_loss=mean_loss,
                                          val_accuracy=None))
-        accuracies = (evaluator.accuracy(state, data.validation)
+        accuracies = (evaluator.pack_accuracies(state, data.validation)
                       if evaluate_now and data.validation is not None else None)
         for c in range(n):
             if was_active[c] and c not in diverged:
@@ -400,7 +400,7 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
                      time.perf_counter() - epoch_start)
 
     ok = [c for c in range(n) if c not in diverged]
-    tests = (evaluator.accuracy(state, data.test) if ok and data.test is not None else None)
+    tests = (evaluator.pack_accuracies(state, data.test) if ok and data.test is not None else None)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     wall = time.perf_counter() - start
     results = []
@@ -427,29 +427,6 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
             epoch_seconds=tuple(epoch_seconds), train_flops_per_image=programs.flops_per_image,
             variables=own))
     return results
-
-
-class _PackEvaluator:
-    """Accuracies of every candidate of the pack on a resident split, with one program."""
-
-    def __init__(self, eval_step, data: data_lib.Dataset, config, mesh, codes, pack_size: int):
-        self._step, self._data, self._mesh, self._codes = eval_step, data, mesh, codes
-        self._batch, self._k = config.eval_batch_size, pack_size
-        self._arrays = None
-
-    def accuracy(self, state: train_lib.TrainState, split: data_lib.Split) -> list[float]:
-        if self._arrays is None:
-            self._arrays = eval_arrays(eval_splits(self._data), self._batch, self._mesh)
-        a = self._arrays
-        first, count = a.batches[id(split)]
-        totals = sharding.replicate(dict(correct=np.zeros(self._k, np.int32),
-                                         loss_sum=np.zeros(self._k, np.float32),
-                                         batches=np.int32(first)), self._mesh)
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        for _ in range(count):
-            totals = self._step(variables, totals, self._codes, a.images, a.labels, a.mask)
-        correct = np.asarray(jax.device_get(totals["correct"]))
-        return [int(x) / len(split) for x in correct]
 
 
 def device_memory_bytes() -> int | None:

@@ -56,30 +56,42 @@ def scalars(mesh, **values: Any) -> dict:
 
 class Evaluator:
     """Accuracy of the current state on a split (device-resident or streamed), with the
-    candidate's one compiled evaluation program."""
+    candidate's one compiled evaluation program. For a pack (`memnas_jax.packed`), the program
+    also takes the pack's codes and counts per candidate: `pack_size` and `codes`."""
 
-    def __init__(self, eval_step, data: data_lib.Dataset, config, mesh):
+    def __init__(self, eval_step, data: data_lib.Dataset, config, mesh, *,
+                 pack_size: int | None = None, codes: Any = None):
         self._step, self._data, self._mesh = eval_step, data, mesh
         self._batch, self._threads = config.eval_batch_size, config.host_threads
         self._rows = sharding.process_batch_rows(mesh, config.eval_batch_size)  # streamed splits
         self._arrays: EvalArrays | None = None
+        self._pack_size, self._codes = pack_size, codes
 
     def accuracy(self, state: TrainState, split: data_lib.Split) -> float:
+        return float(self._correct(state, split)) / len(split)
+
+    def pack_accuracies(self, state: TrainState, split: data_lib.ArraySplit) -> list[float]:
+        """Each packed candidate's accuracy on a resident split."""
+        return [int(x) / len(split) for x in self._correct(state, split)]
+
+    def _correct(self, state: TrainState, split: data_lib.Split) -> np.ndarray:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         resident = isinstance(split, data_lib.ArraySplit)
         if resident and self._arrays is None:
             self._arrays = eval_arrays(eval_splits(self._data), self._batch, self._mesh)
         # Resident splits: the program reads batch `batches` of the stacked arrays.
         first, count = self._arrays.batches[id(split)] if resident else (0, 0)
-        totals = scalars(self._mesh, correct=np.int32(0), loss_sum=np.float32(0),
-                          batches=np.int32(first))
+        shape = () if self._pack_size is None else (self._pack_size,)
+        totals = scalars(self._mesh, correct=np.zeros(shape, np.int32),
+                         loss_sum=np.zeros(shape, np.float32), batches=np.int32(first))
+        codes = () if self._codes is None else (self._codes,)
         if resident:
             a = self._arrays
             for _ in range(count):
-                totals = self._step(variables, totals, a.images, a.labels, a.mask)
+                totals = self._step(variables, totals, *codes, a.images, a.labels, a.mask)
         else:
             for batch in data_lib.host_batches(split, self._batch, seed=0, epoch=0, train=False,
                                                rows=self._rows, num_threads=self._threads):
-                totals = self._step(variables, totals, *sharding.host_batch_to_global(
+                totals = self._step(variables, totals, *codes, *sharding.host_batch_to_global(
                     batch, self._mesh, self._batch))
-        return int(jax.device_get(totals["correct"])) / len(split)
+        return np.asarray(jax.device_get(totals["correct"]))
