@@ -73,7 +73,7 @@ def measure(device_counts, num_candidates, **sizes) -> list[dict]:
     rows = []
     for devices in device_counts:
         for groups in sorted({1, devices}):
-            env = dict(os.environ, PYTHONPATH=str(REPO_ROOT),
+            env = dict(os.environ,
                        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
             spec = json.dumps(dict(groups=groups, num_candidates=num_candidates, **sizes))
             proc = subprocess.run([sys.executable, __file__, "--worker", spec], env=env,

@@ -271,7 +271,7 @@ def main() -> None:
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes must name some of {MODES}, got {args.modes!r}")
     spec_args = {k: v for k, v in vars(args).items() if k not in ("worker", "modes")}
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ)  # the package installed, or PYTHONPATH kept (the GPU image's wheels)
     if args.xla_flags:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     results = []
