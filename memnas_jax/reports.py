@@ -92,13 +92,13 @@ def _answer_fields(record: dict) -> dict:
     return {**{k: record.get(k) for k in _ANSWER_FIELDS}, "total_mb": record["total_bytes"] / MB}
 
 
-def best_record(state: SearchState) -> dict:
+def best_record(state: SearchState, records: list[dict] | None = None) -> dict:
     """The search's answer: the last round winner (the base the next round would grow from), as
     in the paper; and, since with short proxy training an earlier candidate may beat it on both
     axes, the Pareto front (accuracy vs total memory) of every trained candidate, with whether
-    the winner is on it."""
+    the winner is on it. records: `candidate_records(state)`, when the caller has them."""
     won = winners(state)
-    front = pareto_records(state)
+    front = pareto_records(state, records)
     record = {"status": state.status, "stop_reason": state.stop_reason,
               "rounds_done": sum(r.phase == "done" for r in state.rounds),
               "num_trained": state.num_trained, "config_hash": state.config_hash,
@@ -109,10 +109,10 @@ def best_record(state: SearchState) -> dict:
     return record
 
 
-def pareto_records(state: SearchState) -> list[dict]:
+def pareto_records(state: SearchState, records: list[dict] | None = None) -> list[dict]:
     """The trained candidates on the accuracy / total-memory Pareto front, by increasing memory
     (an architecture trained in several rounds counts once, with its first result)."""
-    unique = _unique_by_hash(_ok(candidate_records(state)))
+    unique = _unique_by_hash(_ok(candidate_records(state) if records is None else records))
     return [unique[i] for i in pareto_front([r["accuracy"] for r in unique],
                                             [r["total_bytes"] for r in unique])]
 
@@ -155,7 +155,11 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return lines
 
 
-def leaderboard_markdown(state: SearchState, rows: int = 20) -> str:
+def leaderboard_markdown(state: SearchState, rows: int = 20,
+                         records: list[dict] | None = None) -> str:
+    """records: `candidate_records(state)`, when the caller has them."""
+    if records is None:
+        records = candidate_records(state)
     settings = state.summary
     lines = ["# MemNAS search leaderboard", ""]
     if state.finished:
@@ -166,18 +170,17 @@ def leaderboard_markdown(state: SearchState, rows: int = 20) -> str:
                      "candidates trained." if rnd else "Running: starting.")
     if settings:
         lines += ["", "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + "."]
-    answer = best_record(state)
+    answer = best_record(state, records)
     best = answer["best"]
     lines += ["", "## Final architecture", ""]
     if best is None:
         lines.append("None yet.")
     else:
-        from memnas_jax.encoding import from_json
         lines += [f"Round {best['round']} winner `{best['hash'][:12]}` ({best['description']}): "
                   f"accuracy {_pct(best['accuracy'])} %, total memory {_mb(best['total_bytes'])} "
                   f"MB (parameters {_mb(best['param_bytes'])} MB, {best['param_count']:,} "
                   f"values; working {_mb(best['working_bytes'])} MB).", "", "```",
-                  str(from_json(best["architecture"])), "```"]
+                  str(state.winners()[-1][1].architecture), "```"]
         if not answer["best_on_pareto_front"]:
             lines += ["", "It is not on the Pareto front: a candidate below is at least as "
                       "accurate with no more memory (with short proxy training, accuracy "
@@ -199,8 +202,7 @@ def leaderboard_markdown(state: SearchState, rows: int = 20) -> str:
                      "winner", "acc %", "params MB", "working MB", "total MB", "reward",
                      "controller tau"], round_rows)
 
-    records = _ok(candidate_records(state))
-    top = sorted(records, key=lambda r: (-r["accuracy"], r["total_bytes"], r["round"]))[:rows]
+    top = sorted(_ok(records), key=lambda r: (-r["accuracy"], r["total_bytes"], r["round"]))[:rows]
     lines += ["", f"## Top {len(top)} candidates by accuracy", ""]
     lines += _table(["rank", "round", "hash", "kind", "change", "acc %", "total MB", "reward"],
                     [[i + 1, r["round"], f"`{r['hash'][:10]}`", r["kind"], r["description"],
@@ -385,15 +387,16 @@ def write_tables(state: SearchState, workdir: str | os.PathLike,
                  leaderboard_rows: int = 20) -> None:
     """candidates.jsonl, best.json and leaderboard.md (cheap: after every trained candidate)."""
     workdir = pathlib.Path(workdir)
-    lines = [json.dumps(r, sort_keys=True, allow_nan=False) for r in candidate_records(state)]
+    records = candidate_records(state)  # once: every table below reads them
+    lines = [json.dumps(r, sort_keys=True, allow_nan=False) for r in records]
     atomic_write(workdir / CANDIDATES_FILE, "".join(line + "\n" for line in lines))
-    best = best_record(state)
-    atomic_write(workdir / BEST_FILE, _json(best) + "\n")
-    if best["best"] is not None:
-        from memnas_jax.encoding import from_json
+    atomic_write(workdir / BEST_FILE, _json(best_record(state, records)) + "\n")
+    won = state.winners()
+    if won:
         atomic_write(workdir / BEST_ARCHITECTURE_FILE,
-                     from_json(best["best"]["architecture"]).to_json(indent=1) + "\n")
-    atomic_write(workdir / LEADERBOARD_FILE, leaderboard_markdown(state, leaderboard_rows))
+                     won[-1][1].architecture.to_json(indent=1) + "\n")
+    atomic_write(workdir / LEADERBOARD_FILE,
+                 leaderboard_markdown(state, leaderboard_rows, records))
 
 
 def write_all(state: SearchState, workdir: str | os.PathLike, *, plots: bool = True,

@@ -65,13 +65,15 @@ def to_config(settings: Any) -> ml_collections.ConfigDict:
 
 
 def check_choice(value: Any, allowed: Sequence[Any], name: str) -> None:
+    """ConfigError unless `value` is one of `allowed`; name: the field, e.g. "config.seed"."""
     if value not in allowed:
-        raise ConfigError(f"config.{name} = {value!r} is not one of {tuple(allowed)}")
+        raise ConfigError(f"{name} = {value!r} is not one of {tuple(allowed)}")
 
 
 def check_int(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"config.{name} must be an integer >= {minimum}, got {value!r}")
+    """ConfigError unless `value` is an integer >= `minimum`."""
+    if not _CHECKS[int](value) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 __all__ = ["check_choice", "check_int", "from_config", "to_config"]

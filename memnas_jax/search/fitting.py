@@ -2,7 +2,8 @@
 candidate so far, warm-started, saved per round, restored (or refitted) after a resume.
 
 `ControllerFitting` is the part of the search run (`loop._Search`) that does this; it reads the
-run's `settings`, `state`, `skeleton`, `workdir` and `writer` and replaces its `state`."""
+run's `settings`, `state`, `skeleton`, `workdir` and `writer`, replaces its `state` and keeps the
+newest fit in its `controller_state` / `controller_state_round`."""
 
 from __future__ import annotations
 
@@ -23,9 +24,6 @@ CONTROLLER_DIR = "controller"
 
 class ControllerFitting:
     """Mixin of `loop._Search`: the controller's fits and the newest one."""
-
-    controller_state: controller_lib.ControllerState | None = None
-    controller_state_round: int | None = None
 
     def latest_controller(self) -> controller_lib.ControllerState | None:
         """The controller of the newest fit: in memory, else read from the work directory

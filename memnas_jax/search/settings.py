@@ -57,13 +57,13 @@ class SearchRules:
     def check(self) -> None:
         for name, minimum in (("max_rounds", 1), ("max_cells", 1), ("full_train_rounds", 0),
                               ("full_train_cap", 0), ("top_k", 1), ("max_consecutive_oom", 0)):
-            check_int(getattr(self, name), f"search.{name}", minimum)
+            check_int(getattr(self, name), f"config.search.{name}", minimum)
         if not self.time_budget_minutes >= 0:
             raise ConfigError("config.search.time_budget_minutes must be >= 0 (0 = no budget), "
                               f"got {self.time_budget_minutes!r}")
-        check_choice(self.round0_selection, ROUND0_SELECTIONS, "search.round0_selection")
-        check_choice(self.controller_target, CONTROLLER_TARGETS, "search.controller_target")
-        check_choice(self.accuracy_metric, ACCURACY_METRICS, "search.accuracy_metric")
+        check_choice(self.round0_selection, ROUND0_SELECTIONS, "config.search.round0_selection")
+        check_choice(self.controller_target, CONTROLLER_TARGETS, "config.search.controller_target")
+        check_choice(self.accuracy_metric, ACCURACY_METRICS, "config.search.accuracy_metric")
         if self.accuracy_metric == "test_accuracy" and not self.evaluate_test:
             raise ConfigError("config.search.accuracy_metric = 'test_accuracy' needs "
                               "config.search.evaluate_test = True")
@@ -75,7 +75,7 @@ class MemorySettings:
     budget_mb: float = 0.0  # > 0: drop candidates whose total memory exceeds this (1 MB = 1e6 B)
 
     def check(self) -> None:
-        check_choice(self.convention, CONVENTIONS, "memory.convention")
+        check_choice(self.convention, CONVENTIONS, "config.memory.convention")
         if not self.budget_mb >= 0:
             raise ConfigError(f"config.memory.budget_mb must be >= 0 (0 = no budget), got "
                               f"{self.budget_mb!r}")
@@ -112,12 +112,12 @@ class ParallelSettings:
     pack_selection: str = "auto"  # "select" (vmap), "switch" (pack size 1) or "auto"
 
     def check(self) -> None:
-        check_int(self.candidate_groups, "parallel.candidate_groups", 1)
-        check_int(self.compile_ahead, "parallel.compile_ahead", -1)
-        check_choice(self.packing, PACKING_MODES, "parallel.packing")
-        check_int(self.pack_size, "parallel.pack_size", 0)
+        check_int(self.candidate_groups, "config.parallel.candidate_groups", 1)
+        check_int(self.compile_ahead, "config.parallel.compile_ahead", -1)
+        check_choice(self.packing, PACKING_MODES, "config.parallel.packing")
+        check_int(self.pack_size, "config.parallel.pack_size", 0)
         check_choice(self.pack_selection, ("auto", *packed_lib.SELECTIONS),
-                     "parallel.pack_selection")
+                     "config.parallel.pack_selection")
         if self.packing == "packed" and self.candidate_groups > 1:
             raise ConfigError("config.parallel.packing = 'packed' trains one pack on all "
                               "devices: set parallel.candidate_groups = 1, or packing = "
@@ -181,7 +181,7 @@ class SearchSettings:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.controller: {e}") from None
         seed = get("seed", 0)
-        check_int(seed, "seed", 0)
+        check_int(seed, "config.seed", 0)
         settings = cls(seed=seed, reward=reward, controller=controller,
                        train=train_lib.TrainSettings.from_config(get("train") or {},
                                                                  "config.train"),

@@ -85,8 +85,7 @@ class Entry(_Record):
 
     def untrained(self) -> Entry:
         """The entry as it was before it trained."""
-        return Entry(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Entry)
-                        if f.name in _IDENTITY_FIELDS})
+        return Entry(**{name: getattr(self, name) for name in _IDENTITY_FIELDS})
 
 
 _IDENTITY_FIELDS = ("hash", "kind", "description", "cells_per_block", "architecture",
@@ -396,11 +395,12 @@ class SearchResult:
 
 
 def search_result(state: SearchState, workdir: pathlib.Path) -> SearchResult:
+    round_winners = state.winners()
     won = tuple(Winner(round=r.round, hash=e.hash, description=e.description,
                        accuracy=e.accuracy, param_bytes=e.param_bytes,
                        working_bytes=e.working_bytes, total_bytes=e.total_bytes,
-                       reward=e.reward) for r, e in state.winners())
-    last = state.winners()[-1][1] if won else None
+                       reward=e.reward) for r, e in round_winners)
+    last = round_winners[-1][1] if won else None
     return SearchResult(
         architecture=last.architecture if last else None,
         arch_hash=last.hash if last else None,

@@ -40,11 +40,11 @@ class RoundTraining:
     def set_round(self, rnd: Round) -> None:
         self.state = self.state.with_round(rnd)
 
-    def set_entry(self, index: int, entry: Entry, reward_round: bool = True) -> None:
+    def set_entry(self, index: int, entry: Entry) -> None:
         """Records the current round's entry `index`, with its reward when the round's
         reference is known (rounds >= 1: the base)."""
         rnd = self.current_round
-        if reward_round and rnd.base is not None:
+        if rnd.base is not None:
             entry = with_reward(entry, round_reference(rnd), self.settings.reward)
         self.set_round(rnd.with_entry(index, entry))
 

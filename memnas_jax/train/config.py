@@ -89,9 +89,7 @@ class TrainSettings:
         choices = dict(optimizer=OPTIMIZERS, schedule=SCHEDULES, dtype=tuple(DTYPES),
                        depthwise_impl=DEPTHWISE_IMPLS)
         for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ConfigError(f"{where}.{field} = {getattr(self, field)!r} is not one of "
-                                  f"{allowed}")
+            settings_lib.check_choice(getattr(self, field), allowed, f"{where}.{field}")
         for field in ("epochs", "batch_size", "eval_batch_size", "eval_every_epochs"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"{where}.{field} must be >= 1, got {getattr(self, field)}")
