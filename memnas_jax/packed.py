@@ -108,7 +108,7 @@ class _Steps:
             variables = self.module.init(init_key,
                                          jnp.zeros(sample_shape, jnp.float32), code, train=False)
             variables = mask_to_candidate(variables, shapes)
-            return _fresh_state(self.tx, variables, data_key)
+            return train_lib.TrainState.fresh(self.tx, variables, data_key)
 
         def init(keys, shapes, codes):
             return jax.vmap(one)(keys, shapes, codes)
@@ -144,7 +144,7 @@ class _Steps:
             steps = metrics["steps"]
             idx = jax.lax.dynamic_slice_in_dim(permutations, steps * b, b, axis=1)  # (K, B)
             batch = jax.lax.with_sharding_constraint(
-                (images[idx], labels[idx]), _pack_batch_sharding(self.mesh))
+                (images[idx], labels[idx]), sharding.stacked_batch_sharded(self.mesh))
             chex.assert_shape(batch[1], (permutations.shape[0], b))  # (K, B): one per candidate
             chex.assert_tree_shape_prefix(state, (permutations.shape[0],))
             state, loss_sum = self._over_pack(
@@ -171,17 +171,6 @@ class _Steps:
                 variables, totals["correct"], totals["loss_sum"], codes)
             return dict(correct=correct, loss_sum=loss_sum, batches=i + 1)
         return jax.jit(step, donate_argnums=(1,), out_shardings=sharding.replicated(self.mesh))
-
-
-def _fresh_state(tx, variables: Mapping, data_key: jax.Array) -> train_lib.TrainState:
-    params = variables["params"]
-    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
-                                params=params, batch_stats=variables.get("batch_stats", {}),
-                                opt_state=tx.init(params), rng=data_key)
-
-
-def _pack_batch_sharding(mesh) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
 
 
 def _module(template: RoundTemplate, config, selection: str) -> TemplateNetwork:
@@ -246,8 +235,7 @@ def compile_packed(template: RoundTemplate, config: ml_collections.ConfigDict,
     eval_step = None
     if eval_batches:
         shape = (eval_batches, config.eval_batch_size)
-        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None,
-                                                                            sharding.DATA_AXIS))
+        split = sharding.stacked_batch_sharded(mesh)
         eval_step = steps.eval_step().lower(
             {"params": state.params, "batch_stats": state.batch_stats},
             dict(correct=vector(jnp.int32), loss_sum=vector(jnp.float32),
@@ -339,7 +327,8 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
         tx = train_lib.make_optimizer(config, programs.steps_per_epoch)
         data_keys = np.stack([np.asarray(jax.random.split(key)[1]) for key in keys])
         with jax.default_device(host):
-            state = jax.vmap(lambda v, key: _fresh_state(tx, v, key))(variables, data_keys)
+            state = jax.vmap(lambda v, key: train_lib.TrainState.fresh(tx, v, key))(variables,
+                                                                                  data_keys)
     state = sharding.replicate(jax.device_get(state), mesh)
     codes = sharding.replicate(codes_host, mesh)
     active_host = np.arange(k) < n

@@ -47,6 +47,12 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def stacked_batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Batches stacked on a leading axis (evaluation batches, a pack's candidates): the second
+    (batch) axis split over the mesh."""
+    return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
 def mesh_size(mesh: Mesh) -> int:
     return int(mesh.devices.size)
 
@@ -96,5 +102,5 @@ def constrain_batch(tree: Any, mesh: Mesh) -> Any:
 __all__ = [
     "DATA_AXIS", "batch_sharded", "check_batch_size", "constrain_batch", "host_batch_to_global",
     "make_data_mesh", "mesh_size", "process_batch_rows", "replicate", "replicated",
-    "shard_batch",
+    "shard_batch", "stacked_batch_sharded",
 ]

@@ -44,8 +44,8 @@ def eval_arrays(splits: list[data_lib.ArraySplit], batch_size: int, mesh) -> Eva
 
     def stacked(parts):
         return np.concatenate(parts).reshape(first, batch_size, *parts[0].shape[1:])
-    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
-    arrays = jax.device_put((stacked(images), stacked(labels), stacked(masks)), spec)
+    arrays = jax.device_put((stacked(images), stacked(labels), stacked(masks)),
+                            sharding.stacked_batch_sharded(mesh))
     return EvalArrays(*arrays, batches=batches)
 
 

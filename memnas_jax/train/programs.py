@@ -138,8 +138,7 @@ def compile_programs(setup: Setup, config, data: data_lib.Dataset) -> CandidateP
                       jax.ShapeDtypeStruct((size,), jnp.int32, sharding=repl))
         train_step = steps.resident_train_step().lower(*train_args).compile()
         shape = (setup.eval_batches, config.eval_batch_size)
-        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None,
-                                                                            sharding.DATA_AXIS))
+        split = sharding.stacked_batch_sharded(mesh)
         eval_step = None if not setup.eval_batches else steps.resident_eval_step().lower(
             variables, totals, jax.ShapeDtypeStruct((*shape, *image_shape), jnp.uint8,
                                                     sharding=split),

@@ -27,6 +27,15 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any
     rng: jax.Array
 
+    @classmethod
+    def fresh(cls, tx: optax.GradientTransformation, variables: Any, data_key: jax.Array
+              ) -> TrainState:
+        """Epoch and step 0 from freshly initialised `variables`."""
+        params = variables["params"]
+        return cls(step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
+                   batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                   rng=data_key)
+
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
                   ) -> jax.Array:
@@ -105,10 +114,7 @@ class StepFactory:
             init_key, data_key = jax.random.split(rng)
             variables = self.model.init(init_key, jnp.zeros(sample_shape, jnp.float32),
                                         train=False)
-            params = variables["params"]
-            return TrainState(step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
-                              params=params, batch_stats=variables.get("batch_stats", {}),
-                              opt_state=self.tx.init(params), rng=data_key)
+            return TrainState.fresh(self.tx, variables, data_key)
         return init
 
     def _jit_train(self, step: Callable) -> Callable:
