@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 
 from memnas_jax import data as data_lib
-from memnas_jax import preemption, sharding
+from memnas_jax import dispatch, preemption, sharding
 from memnas_jax import train as train_lib
 from memnas_jax.encoding import Architecture, Cell
 from memnas_jax.network import check_architecture, param_count
@@ -351,9 +351,10 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
         active = sharding.replicate(active_host, mesh)
         metrics = sharding.replicate(dict(loss_sum=np.zeros(k, np.float32),
                                           steps=np.int32(0)), mesh)
+        in_flight = dispatch.InFlight()
         for i in range(programs.steps_per_epoch):
-            state, metrics = programs.train_step(state, metrics, active, codes, *train_arrays,
-                                                 permutations)
+            state, metrics = in_flight.add(programs.train_step(
+                state, metrics, active, codes, *train_arrays, permutations))
             if preemption.requested():  # the pack is trained again on resume
                 raise preemption.Preempted()
             if config.nan_check_every_steps and (i + 1) % config.nan_check_every_steps == 0:

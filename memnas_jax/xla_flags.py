@@ -12,9 +12,10 @@ from typing import Any
 
 HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
 # XLA:CPU aborts the process when a device thread waits at a collective longer than this; on a
-# busy host a starved device thread can exceed a short limit, so allow an hour.
+# busy host a starved device thread can exceed a very short limit; five minutes is ~300
+# training steps here, and a stuck collective then ends as an error the run resumes from.
 _CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
-CPU_COLLECTIVE_TIMEOUT_SECONDS = 3600
+CPU_COLLECTIVE_TIMEOUT_SECONDS = 300
 
 
 def set_host_device_count(count: int) -> bool:

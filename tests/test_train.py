@@ -326,3 +326,32 @@ def test_small_candidate_reaches_50_percent_on_real_cifar10(data_dir, monkeypatc
     assert result.status == "ok", result.message
     assert result.test_accuracy >= 0.5, result
     assert result.best_val_accuracy >= 0.45, result
+
+
+LONG_EPOCH_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+from helpers import TinyCNN
+import jax
+from memnas_jax import data as data_lib, train
+assert jax.device_count() == 2, jax.devices()
+data = data_lib.synthetic_dataset(num_train=8000, num_validation=0, num_test=64)
+config = train.default_config()
+config.update(dict(epochs=1, batch_size=16, eval_batch_size=32, learning_rate=0.05,
+                   milestones=(), num_devices=2))
+result = train.train_model(TinyCNN(), config, data, jax.random.PRNGKey(0))
+print(result.status, result.epochs_done, result.message)
+"""
+
+
+def test_a_long_epoch_on_two_host_devices_does_not_hang():
+    """500 steps in one epoch on 2 XLA:CPU devices. Unbounded asynchronous dispatch deadlocked
+    XLA:CPU's collectives here (the first epoch of a 20,000-image training never ended);
+    `memnas_jax.dispatch` bounds it. A short collective timeout turns a regression into a
+    crash within a minute instead of a hang."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+               "--xla_cpu_collective_call_terminate_timeout_seconds=30")
+    proc = subprocess.run([sys.executable, "-c", LONG_EPOCH_SCRIPT], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("ok 1"), proc.stdout

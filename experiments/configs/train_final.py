@@ -4,7 +4,10 @@
         --arch=arch.json --workdir=/tmp/final
 
 Presets: "quick" (30 epochs, cosine, SGD 0.1 Nesterov, weight decay 5e-4, batch 256 in bfloat16,
-w = 32: the final training of the `gpu_quick` chain, minutes on one GPU), "paper" (300 epochs, SGD
+w = 32: the final training of the `gpu_quick` chain, minutes on one GPU), "cpu" (the recipe of
+results/cifar10_cpu: 10 epochs of all 50,000 images, cosine after one warm-up epoch, SGD 0.1
+Nesterov, weight decay 5e-4, batch 128, crop + flip, float32, w = 16; about an hour per network
+on 2 CPU cores), "paper" (300 epochs, SGD
 lr 0.01 momentum 0.9, steps at 60/180/240 x0.1, batch 128, crop + flip + Cutout 16, w = 32, the
 whole training set, test accuracy at the end) and "smoke"
 (the same code on a few thousand images for two epochs at w = 8, a couple of minutes on a CPU).
@@ -13,7 +16,7 @@ Override any field: --config.epochs=600 --config.skeleton.width=64.
 
 from memnas_jax import train
 
-PRESETS = ("paper", "quick", "smoke")
+PRESETS = ("paper", "quick", "cpu", "smoke")
 
 
 def get_config(preset: str = "paper"):
@@ -42,6 +45,13 @@ def get_config(preset: str = "paper"):
                            nesterov=True, weight_decay=5e-4, schedule="cosine", warmup_epochs=1,
                            milestones=(), dtype="bfloat16", checkpoint_every_epochs=5,
                            eval_every_epochs=5))
+    if preset == "cpu":
+        config.update(dict(epochs=10, batch_size=128, eval_batch_size=500, learning_rate=0.1,
+                           nesterov=True, weight_decay=5e-4, schedule="cosine", warmup_epochs=1,
+                           milestones=(), dtype="float32", checkpoint_every_epochs=1,
+                           eval_every_epochs=10))
+        config.augment.cutout = 0  # too strong a regulariser for 10 epochs
+        config.skeleton.width = 16
     if preset == "smoke":
         config.epochs = 2
         config.milestones = (1,)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from memnas_jax import data as data_lib
-from memnas_jax import sharding
+from memnas_jax import dispatch, sharding
 from memnas_jax.train.steps import TrainState
 
 
@@ -85,13 +85,16 @@ class Evaluator:
         totals = scalars(self._mesh, correct=np.zeros(shape, np.int32),
                          loss_sum=np.zeros(shape, np.float32), batches=np.int32(first))
         codes = () if self._codes is None else (self._codes,)
+        in_flight = dispatch.InFlight()
         if resident:
             a = self._arrays
             for _ in range(count):
-                totals = self._step(variables, totals, *codes, a.images, a.labels, a.mask)
+                totals = in_flight.add(self._step(variables, totals, *codes, a.images, a.labels,
+                                                  a.mask))
         else:
             for batch in data_lib.host_batches(split, self._batch, seed=0, epoch=0, train=False,
                                                rows=self._rows, num_threads=self._threads):
-                totals = self._step(variables, totals, *codes, *sharding.host_batch_to_global(
-                    batch, self._mesh, self._batch))
+                totals = in_flight.add(self._step(
+                    variables, totals, *codes,
+                    *sharding.host_batch_to_global(batch, self._mesh, self._batch)))
         return np.asarray(jax.device_get(totals["correct"]))

@@ -20,7 +20,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from memnas_jax import data as data_lib
-from memnas_jax import preemption, sharding
+from memnas_jax import dispatch, preemption, sharding
 from memnas_jax.encoding import Architecture
 from memnas_jax.errors import ConfigError, first_line
 from memnas_jax.space import Skeleton
@@ -151,8 +151,9 @@ def _train(model, config, data, rng, programs, mesh, start) -> TrainResult:
             if resumed_metrics is not None:  # the epoch a stopped run left half-way
                 metrics, resumed_metrics = resumed_metrics, None
                 skip = int(jax.device_get(metrics["steps"]))
+            in_flight = dispatch.InFlight()
             for i, batch in enumerate(epoch_batches(state.rng, epoch, skip), start=skip):
-                state, metrics = programs.train_step(state, metrics, *batch)
+                state, metrics = in_flight.add(programs.train_step(state, metrics, *batch))
                 if preemption.requested():  # a stop request: leave after this step
                     if snapshot_dir:
                         try:
