@@ -302,6 +302,27 @@ def uniform_architecture(cells: Sequence[Any], num_blocks: int = 5) -> Architect
     return make_architecture([list(cells)] * num_blocks)
 
 
+def random_architecture(rng: np.random.Generator, num_blocks: int = 5, max_cells: int = 4,
+                        removed_probability: float = 0.2, linked_probability: float = 0.7,
+                        concat_probability: float = 0.3) -> Architecture:
+    """A random valid architecture: 1..max_cells cells per block, each reading earlier nodes,
+    ops uniform over the seven or removed, linked and concat at the given rates (at least one
+    linked cell per block). Every choice comes from `rng`."""
+    blocks = []
+    for _ in range(num_blocks):
+        cells = []
+        for j in range(int(rng.integers(1, max_cells + 1))):
+            ops = [None if rng.random() < removed_probability else int(rng.integers(0, NUM_OPS))
+                   for _ in range(2)]
+            cells.append(Cell(int(rng.integers(0, j + 1)), int(rng.integers(0, j + 1)), *ops,
+                              bool(rng.random() < linked_probability),
+                              bool(rng.random() < concat_probability)))
+        if not any(c.linked for c in cells):
+            cells[-1] = cells[-1]._replace(linked=True)
+        blocks.append(cells)
+    return validate(blocks, max(DEFAULT_MAX_CELLS, max_cells))
+
+
 # ---------------------------------------------------------------------------------------------
 # JSON decoding
 
@@ -538,6 +559,6 @@ __all__ = [
     "Architecture", "Block", "Cell", "EncodingError", "OP_NAMES", "NUM_OPS", "DEFAULT_MAX_CELLS",
     "TOKEN_FIELDS", "TOKEN_WIDTH", "TOKEN_REMOVED_OP", "MEMNAS_CONVENTIONS", "cell_from_vectors",
     "cell_to_vectors", "from_bits", "from_json", "from_memnas_feature", "from_vectors",
-    "make_architecture", "op_index", "op_name", "to_memnas_feature", "uniform_architecture",
-    "validate",
+    "make_architecture", "op_index", "op_name", "random_architecture", "to_memnas_feature",
+    "uniform_architecture", "validate",
 ]

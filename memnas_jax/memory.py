@@ -8,6 +8,10 @@ Three estimators share one liveness engine (`schedule`):
   filters candidates by it before compiling anything.
 * `analyze(fn, *args)`: the same accounting for any jax function, read off its jaxpr (one node
   per equation, sub-jaxprs of jit / custom_jvp / custom_vjp / remat calls inlined).
+* `memory_report(..., convention="deployed")`: what TFLite Micro's memory planner allocates
+  for the network exported to LiteRT (`memnas_jax.deployed`, `memnas_jax.arena`): the graph the
+  runtime runs (BatchNorm folded, explicit pad copies, concatenation buffers) planned as its
+  greedy planner does. Equal to the runtime's arena head, byte for byte (docs/deploy.md).
 * `paper_proxy(feature)`: a literal port of the authors' `Network.cal_weight()` / `cal_in()`
   (C = 32, block 1 only for the working memory, their quirks included), to reproduce the
   paper's curves.
@@ -32,7 +36,10 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from memnas_jax import arena as arena_lib
+from memnas_jax import deployed as deployed_lib
 from memnas_jax import plan as plan_lib
+from memnas_jax.arena import RuntimeGraph
 from memnas_jax.encoding import Cell
 from memnas_jax.paper_proxy import (  # re-exported
     PROXY_CHANNELS,
@@ -42,12 +49,15 @@ from memnas_jax.paper_proxy import (  # re-exported
 )
 from memnas_jax.space import Skeleton
 
-CONVENTIONS = ("paper", "strict")
+LIVENESS_CONVENTIONS = ("paper", "strict")
+CONVENTIONS = (*LIVENESS_CONVENTIONS, "deployed")
 
 
-def _check_convention(convention: str) -> None:
-    if convention not in CONVENTIONS:
-        raise ValueError(f"unknown convention {convention!r}; use one of {CONVENTIONS}")
+def _check_convention(convention: str, allowed: tuple[str, ...] = LIVENESS_CONVENTIONS) -> None:
+    if convention not in allowed:
+        extra = (" (\"deployed\" needs a MemNAS architecture: memory_report)"
+                 if convention == "deployed" else "")
+        raise ValueError(f"unknown convention {convention!r}; use one of {allowed}{extra}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +167,10 @@ def schedule(nodes: Sequence[TensorNode], outputs: Iterable[int] | None = None) 
 class MemoryReport:
     """Parameter memory + working memory (peak live activation bytes) of one network.
 
-    working_bytes is the figure of `convention`; both conventions are always reported.
-    peak_step / peak_tensors explain the peak of `convention`.
+    working_bytes is the figure of `convention`; both liveness conventions are always
+    reported, and the deployed arena where it is known (`memory_report`, not `analyze`).
+    peak_step / peak_tensors explain the peak of `convention` (deployed: the time of the
+    buffer that ends highest in the arena, and the runtime tensors live then).
     """
 
     param_count: int
@@ -172,6 +184,7 @@ class MemoryReport:
     num_steps: int
     num_tensors: int
     peak_tensors: tuple[str, ...]
+    working_bytes_deployed: int | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -179,17 +192,33 @@ class MemoryReport:
         return d
 
 
-def _report(sched: Schedule, param_count: int, param_bytes: int, convention: str
-            ) -> MemoryReport:
-    _check_convention(convention)
-    peaks = {c: sched.peak(c) for c in CONVENTIONS}
-    working, step = peaks[convention]
+def _report(sched: Schedule, param_count: int, param_bytes: int, convention: str,
+            deployed: RuntimeGraph | None = None) -> MemoryReport:
+    _check_convention(convention, CONVENTIONS if deployed is not None else LIVENESS_CONVENTIONS)
+    peaks = {c: sched.peak(c) for c in LIVENESS_CONVENTIONS}
+    arena_bytes = None
+    if deployed is not None:
+        buffers = arena_lib.tflm_buffers(deployed)
+        ends = [o + b.size for o, b in zip(arena_lib.greedy_offsets(buffers), buffers)]
+        arena_bytes = max(ends, default=0)
+    if convention == "deployed":
+        top = buffers[ends.index(arena_bytes)] if ends else None
+        step = top.first if top else 0
+        names = [n for n, size in zip(deployed.tensor_names, deployed.tensor_bytes) if size]
+        # tflm_buffers lists the tensors first, in order, then the kernels' scratch.
+        working, live = arena_bytes, tuple(n for n, b in zip(names, buffers)
+                                           if b.first <= step <= b.last)
+        num_steps, num_tensors = len(deployed.ops), len(names)
+    else:
+        working, step = peaks[convention]
+        live = sched.live_tensors(step, convention) if step else ()
+        num_steps, num_tensors = sched.num_steps, len(sched.names)
     return MemoryReport(
         param_count=int(param_count), param_bytes=int(param_bytes), working_bytes=working,
         working_bytes_paper=peaks["paper"][0], working_bytes_strict=peaks["strict"][0],
         total_bytes=int(param_bytes) + working, convention=convention, peak_step=step,
-        num_steps=sched.num_steps, num_tensors=len(sched.names),
-        peak_tensors=sched.live_tensors(step, convention) if step else ())
+        num_steps=num_steps, num_tensors=num_tensors, peak_tensors=live,
+        working_bytes_deployed=arena_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,10 +284,11 @@ def memory_report(arch: Iterable[Iterable[Cell]], skeleton: Skeleton, batch_size
     """Parameter + working memory of `MemNASNetwork(arch, skeleton)` in inference.
 
     Working memory: peak live activation bytes over the whole network (ASAP schedule,
-    `convention` "paper" or "strict"); parameters: `plan.param_count` (BatchNorm running
+    `convention` "paper" or "strict"), or TFLite Micro's planned arena of the exported network
+    ("deployed"; batch 1 is what runtimes run, a larger batch scales every tensor); parameters: `plan.param_count` (BatchNorm running
     statistics excluded) times `bytes_per_value`.
     """
-    _check_convention(convention)
+    _check_convention(convention, CONVENTIONS)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if (isinstance(bytes_per_value, bool) or not isinstance(bytes_per_value, int)
@@ -266,8 +296,9 @@ def memory_report(arch: Iterable[Iterable[Cell]], skeleton: Skeleton, batch_size
         raise ValueError(f"bytes_per_value must be a positive integer, got {bytes_per_value!r}")
     nodes = network_graph(arch, skeleton, batch_size, bytes_per_value)
     params = plan_lib.param_count(arch, skeleton)
+    deployed = deployed_lib.memnas_graph(arch, skeleton, batch_size * bytes_per_value)
     return _report(schedule(nodes, outputs=[len(nodes) - 1]), params, params * bytes_per_value,
-                   convention)
+                   convention, deployed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +416,7 @@ def analyze(fn: Callable[..., Any], *args: Any, convention: str = "paper",
 
 
 __all__ = [
-    "CONVENTIONS", "MemoryReport", "PROXY_CHANNELS", "PROXY_SIZE", "Schedule", "TensorNode",
+    "CONVENTIONS", "LIVENESS_CONVENTIONS", "MemoryReport", "PROXY_CHANNELS", "PROXY_SIZE", "Schedule", "TensorNode",
     "analyze", "memory_report", "network_graph", "paper_proxy", "paper_proxy_trace",
     "schedule",
 ]

@@ -222,7 +222,11 @@ class PoolOp(nn.Module):
             x, train)
         window, strides, pad = (3, 3), (self.stride,) * 2, ((1, 1), (1, 1))
         if self.kind == "avg":
-            return nn.avg_pool(x, window, strides, pad, count_include_pad=True)
+            # Zero padding then a VALID average divides by 9 at the border, the same numbers
+            # as count_include_pad=True, but lowers to PAD + AVERAGE_POOL_2D, which TFLite
+            # Micro runs (a padded reduce_window does not convert to it).
+            x = jnp.pad(x, ((0, 0), *pad, (0, 0)))
+            return nn.avg_pool(x, window, strides, "VALID")
         if self.kind == "max":
             return nn.max_pool(x, window, strides, pad)
         raise ValueError(f"pool kind {self.kind!r} is not 'avg' or 'max'")
