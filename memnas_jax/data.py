@@ -164,6 +164,14 @@ class Dataset:
         return f"{self.name} ({self.num_classes} classes, {self.image_shape}): {sizes}"
 
 
+def normalized(images: np.ndarray, dataset: Dataset) -> np.ndarray:
+    """uint8 NHWC images as the networks take them: (x / 255 - mean) / std, float32 (numpy:
+    `augment.normalize` is the same on the device)."""
+    mean = np.asarray(dataset.mean, np.float32)
+    std = np.asarray(dataset.std, np.float32)
+    return ((np.asarray(images).astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Deterministic splitting
 
@@ -442,6 +450,7 @@ __all__ = [
     "ArraySplit", "CIFAR10_MEAN", "CIFAR10_STD", "DATASET_NAMES", "DATA_DIR_ENV", "Dataset",
     "DatasetNotFoundError", "IMAGENET_MANUAL", "StreamingSplit", "augment_batch", "center_crop",
     "crop", "cutout", "default_data_config", "epoch_permutation", "hold_out_validation",
+    "normalized",
     "host_batches", "load_dataset", "load_npz", "load_tfds_arrays", "mirror", "normalize",
     "preprocess_record", "random_resized_crop", "resize_image", "stratified_indices",
     "subset", "synthetic_dataset", "tfds_builder", "tfds_streaming_split",

@@ -285,8 +285,9 @@ def memory_report(arch: Iterable[Iterable[Cell]], skeleton: Skeleton, batch_size
 
     Working memory: peak live activation bytes over the whole network (ASAP schedule,
     `convention` "paper" or "strict"), or TFLite Micro's planned arena of the exported network
-    ("deployed"; batch 1 is what runtimes run, a larger batch scales every tensor); parameters: `plan.param_count` (BatchNorm running
-    statistics excluded) times `bytes_per_value`.
+    ("deployed"; batch 1 is what runtimes run, a larger batch scales every tensor);
+    parameters: `plan.param_count` (BatchNorm running statistics excluded) times
+    `bytes_per_value`.
     """
     _check_convention(convention, CONVENTIONS)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -416,7 +417,8 @@ def analyze(fn: Callable[..., Any], *args: Any, convention: str = "paper",
 
 
 __all__ = [
-    "CONVENTIONS", "LIVENESS_CONVENTIONS", "MemoryReport", "PROXY_CHANNELS", "PROXY_SIZE", "Schedule", "TensorNode",
+    "CONVENTIONS", "LIVENESS_CONVENTIONS", "MemoryReport", "PROXY_CHANNELS", "PROXY_SIZE",
+    "Schedule", "TensorNode",
     "analyze", "memory_report", "network_graph", "paper_proxy", "paper_proxy_trace",
     "schedule",
 ]

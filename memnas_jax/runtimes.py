@@ -23,7 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from memnas_jax.export import ExportError, require
+from memnas_jax.arena import RuntimeGraph, RuntimeOp
+from memnas_jax.export import ExportError, builtin_code, require
 
 _TFLM_ARENA_PROBE = 64 << 20  # generous: the networks of this project plan a few MB at most
 _ALLOCATION = re.compile(r"Arena allocation (total|head|tail) (\d+) bytes")
@@ -179,11 +180,9 @@ def litert_predict(flatbuffer: bytes, images: np.ndarray, delegates: bool = True
     return np.stack(out)
 
 
-def runtime_graph(flatbuffer: bytes) -> "arena.RuntimeGraph":
+def runtime_graph(flatbuffer: bytes) -> RuntimeGraph:
     """The graph of subgraph 0 of `flatbuffer` as `arena.RuntimeGraph`: its non-constant
     tensors (constants get size 0) and its ops in order. Kernel scratch is not in the file."""
-    from memnas_jax import arena
-    from memnas_jax.export import builtin_code
     schema = require("ai_edge_litert.schema_py_generated")
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     itemsize = {schema.TensorType.FLOAT32: 4, schema.TensorType.INT32: 4,
@@ -203,8 +202,8 @@ def runtime_graph(flatbuffer: bytes) -> "arena.RuntimeGraph":
     for op in subgraph.operators:
         kind = names[builtin_code(model.operatorCodes[op.opcodeIndex])]
         inputs = tuple(int(t) for t in op.inputs if t >= 0 and sizes[t] > 0)
-        ops.append(arena.RuntimeOp(kind, inputs, int(op.outputs[0])))
-    return arena.RuntimeGraph(tuple(sizes), tuple(tensor_names), tuple(ops),
+        ops.append(RuntimeOp(kind, inputs, int(op.outputs[0])))
+    return RuntimeGraph(tuple(sizes), tuple(tensor_names), tuple(ops),
                               tuple(int(t) for t in subgraph.inputs),
                               tuple(int(t) for t in subgraph.outputs))
 

@@ -33,7 +33,8 @@ def test_baselines_have_the_published_parameter_counts():
                                                           jnp.zeros((1, 32, 32, 3))))
         counts[name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
     # He et al.'s CIFAR ResNets (shortcut A) and MobileNetV2 with a 10-way head at 32 px.
-    assert counts == {"resnet20": 269_722, "resnet56": 853_018, "resnet110": 1_727_962,
+    assert counts == {"resnet8": 75_290, "resnet14": 172_506, "resnet20": 269_722,
+                      "resnet56": 853_018, "resnet110": 1_727_962,
                       "mobilenetv2": 2_236_682}
     with pytest.raises(ValueError, match="unknown baseline 'vgg16'"):
         baselines.baseline_model("vgg16")

@@ -16,6 +16,10 @@ Presets (override any field on the command line, e.g. `--config.reward.lam=0.8`)
   24 per round, 8 rounds (about 260 candidates; its duration was not measured, no GPU here).
 * gpu_quick: the gpu preset cut to a short GPU window (8 epochs, 24 then top-12 candidates per
   round, stopping after 5 minutes at a round boundary), the first step of the README's results.
+* cpu: the search of results/cifar10_cpu, sized for a 2-core CPU (about an hour): 10,000
+  training and 2,000 validation images, width 8, 4 epochs with a cosine schedule, rounds 0 and 1
+  sampled to 8 candidates, then the controller's top 5, 4 rounds (26 candidates). The proxy's
+  seed spread and cost: docs/results.md.
 * smoke: a real search on a 2-core CPU in under 15 minutes: a CIFAR-10 subset (2,500 training
   and 500 validation images, from $MEMNAS_DATA_DIR/cifar10/*.npz), width 8, 2 epochs, rounds 0
   and 1 sampled to 5 candidates, rounds 2 and 3 ranked by the controller (top 3): 16 candidates.
@@ -29,7 +33,7 @@ import ml_collections
 from configs import common  # experiments/configs/common.py
 from memnas_jax import search
 
-PRESETS = ("auto", "paper", "gpu", "gpu_quick", "smoke", "test")
+PRESETS = ("auto", "paper", "gpu", "gpu_quick", "cpu", "smoke", "test")
 
 
 def auto_preset() -> tuple[str, str]:
@@ -70,6 +74,19 @@ def get_config(preset: str = "auto") -> ml_collections.ConfigDict:
         config.search.update(dict(max_rounds=6, full_train_cap=24, top_k=12,
                                   candidate_checkpoints=False, time_budget_minutes=5.0))
         common.small_controller(config, max_steps=1000)
+    elif preset == "cpu":
+        config.host_device_count = 0  # one XLA device: the search's path as on any machine
+        config.data.update(dict(source="npz", validation_size=5000, train_subset=10000,
+                                validation_subset=2000))
+        config.skeleton.width = 8
+        config.train.update(dict(epochs=4, batch_size=64, eval_batch_size=500,
+                                 learning_rate=0.05, nesterov=True, weight_decay=5e-4,
+                                 schedule="cosine", warmup_epochs=0, milestones=(),
+                                 checkpoint_every_epochs=0))
+        config.grow_trim.round0_combine_modes = ("add",)
+        config.search.update(dict(max_rounds=4, full_train_cap=8, top_k=5,
+                                  candidate_checkpoints=False))
+        common.small_controller(config, max_steps=600)
     elif preset == "smoke":
         # One XLA device. Two host devices (--config.host_device_count=2) ran this preset in
         # 9.0 min against 9.7, but change the float summation order and so the search's path.

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from memnas_jax import sharding
-from memnas_jax.errors import first_line
+from memnas_jax.errors import UserError, first_line
 
 
 def checkpoint_manager(directory: str, keep: int):
@@ -64,6 +64,34 @@ def restore_latest(manager, template: Any) -> tuple[Any | None, list, str]:
         notes.append(f"resumed from the checkpoint at epoch {step}")
         return state, history, "; ".join(notes)
     return None, [], "; ".join(notes)
+
+
+def restore_variables(checkpoint_dir: str | os.PathLike) -> tuple[dict, int]:
+    """({"params", "batch_stats"}, epoch) of the newest checkpoint in `checkpoint_dir`, on one
+    device whatever mesh saved it (for export and inference). A missing or unreadable
+    checkpoint raises a one-line `UserError`."""
+    import pathlib
+
+    import orbax.checkpoint as ocp
+    folder = pathlib.Path(checkpoint_dir)
+    steps = sorted((int(p.name) for p in folder.glob("*") if p.name.isdigit()), reverse=True)
+    if not steps:
+        raise UserError(f"no checkpoint in {folder} (train with experiments/train_final.py "
+                        "first; its checkpoints are in <workdir>/checkpoints)")
+    path = folder / str(steps[0]) / "state"
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        tree = checkpointer.metadata(path).item_metadata
+        tree = getattr(tree, "tree", tree)
+        abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                                  sharding=device), tree)
+        state = checkpointer.restore(path, abstract)
+    except Exception as e:  # orbax/tensorstore raise many
+        raise UserError(f"the checkpoint {path} is unreadable ({type(e).__name__}: "
+                        f"{first_line(e)})") from None
+    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, int(
+        state["epoch"])
 
 
 PREEMPTED_DIR = "preempted"  # inside checkpoint_dir: the mid-epoch snapshot of a stopped run
@@ -117,4 +145,5 @@ def restore_snapshot(directory: str, template: Any, mesh
 
 
 __all__ = ["PREEMPTED_DIR", "checkpoint_manager", "restore_latest", "restore_snapshot",
+           "restore_variables",
            "save_checkpoint", "save_snapshot", "state_dict"]
