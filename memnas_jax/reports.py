@@ -47,7 +47,8 @@ MB = 1e6
 
 # The fields of a trained entry copied into its candidates.jsonl record, in order.
 _ENTRY_FIELDS = ("hash", "kind", "description", "cells_per_block", "param_count", "param_bytes",
-                 "working_bytes", "total_bytes", "status", "accuracy", "reward",
+                 "working_bytes", "total_bytes", "working_bytes_paper", "working_bytes_deployed",
+                 "status", "accuracy", "reward",
                  "predicted_score", "reused_from_round", "final_val_accuracy", "test_accuracy",
                  "best_val_epoch", "epochs_done", *TIMING_FIELDS, "message", "failure")
 
@@ -71,7 +72,7 @@ def candidate_records(state: SearchState) -> list[dict]:
             fields = entry.to_json()
             record = {"round": rnd.round, "index": index, "mode": rnd.mode,
                       "base_hash": rnd.base.hash if rnd.base else None}
-            record.update({k: fields[k] for k in _ENTRY_FIELDS})
+            record.update({k: fields.get(k) for k in _ENTRY_FIELDS})
             record["winner"] = rnd.winner == entry.hash
             record["architecture"] = fields["architecture"]
             records.append(record)
@@ -204,9 +205,12 @@ def leaderboard_markdown(state: SearchState, rows: int = 20,
 
     top = sorted(_ok(records), key=lambda r: (-r["accuracy"], r["total_bytes"], r["round"]))[:rows]
     lines += ["", f"## Top {len(top)} candidates by accuracy", ""]
-    lines += _table(["rank", "round", "hash", "kind", "change", "acc %", "total MB", "reward"],
+    lines += _table(["rank", "round", "hash", "kind", "change", "acc %", "total MB",
+                     "device arena MB", "reward"],
                     [[i + 1, r["round"], f"`{r['hash'][:10]}`", r["kind"], r["description"],
-                      _pct(r["accuracy"]), _mb(r["total_bytes"]), _num(r["reward"])]
+                      _pct(r["accuracy"]), _mb(r["total_bytes"]),
+                      _mb(r["working_bytes_deployed"]) if r.get("working_bytes_deployed")
+                      else "-", _num(r["reward"])]
                      for i, r in enumerate(top)])
     front = answer["pareto_front"]
     lines += ["", "## Pareto front (accuracy vs total memory)", ""]

@@ -21,6 +21,7 @@ from memnas_jax import distributed, reports
 from memnas_jax import train as train_lib
 from memnas_jax.errors import ConfigError
 from memnas_jax.io import atomic_write
+from memnas_jax.memory import memory_report
 from memnas_jax.search.config import ConfigMismatchError, config_diff, config_fingerprint, to_plain
 from memnas_jax.search.fitting import ControllerFitting
 from memnas_jax.search.policy import plan_round, planned_candidates, select_winner, stop_reason
@@ -29,6 +30,7 @@ from memnas_jax.search.settings import SearchSettings
 from memnas_jax.search.state import (
     CONFIG_FILE,
     Base,
+    Entry,
     SearchResult,
     SearchState,
     load_state,
@@ -180,6 +182,20 @@ def _reopen_if_stopped_for_a_retry(state: SearchState, settings: SearchSettings
     return dataclasses.replace(state, status="running", stop_reason=None)
 
 
+def _with_both_memory_figures(state: SearchState, skeleton: Skeleton) -> SearchState:
+    """Entries of a state written before they kept both memory figures get them (paper and
+    deployed working memory: pure functions of the architecture and the skeleton)."""
+    def filled(entry: Entry) -> Entry:
+        if entry.working_bytes_deployed is not None:
+            return entry
+        report = memory_report(entry.architecture, skeleton)
+        return dataclasses.replace(entry, working_bytes_paper=report.working_bytes_paper,
+                                   working_bytes_deployed=report.working_bytes_deployed)
+    return dataclasses.replace(state, rounds=tuple(
+        dataclasses.replace(rnd, entries=tuple(filled(e) for e in rnd.entries))
+        for rnd in state.rounds))
+
+
 def _summary(config: ml_collections.ConfigDict, settings: SearchSettings, skeleton: Skeleton
              ) -> dict:
     """The few settings the leaderboard states."""
@@ -256,7 +272,8 @@ def _run_search(config: ml_collections.ConfigDict, settings: SearchSettings,
     else:
         logging.info("resuming the search in %s at round %d (%d candidates trained)", workdir,
                      len(state.rounds) - 1, state.num_trained)
-    state = dataclasses.replace(state, summary=_summary(config, settings, skeleton))
+    state = dataclasses.replace(_with_both_memory_figures(state, skeleton),
+                                summary=_summary(config, settings, skeleton))
     if writer:
         atomic_write(workdir / CONFIG_FILE,
                      json.dumps(to_plain(config), indent=1, sort_keys=True) + "\n")

@@ -30,7 +30,9 @@ def _new_entry(candidate: Candidate, skeleton: Skeleton, convention: str,
         cells_per_block=tuple(candidate.architecture.cells_per_block),
         architecture=candidate.architecture, param_count=report.param_count,
         param_bytes=report.param_bytes, working_bytes=report.working_bytes,
-        total_bytes=report.total_bytes, predicted_score=predicted_score)
+        total_bytes=report.total_bytes, predicted_score=predicted_score,
+        working_bytes_paper=report.working_bytes_paper,
+        working_bytes_deployed=report.working_bytes_deployed)
 
 
 def plan_round(round_index: int, base: Base | None, settings: SearchSettings,

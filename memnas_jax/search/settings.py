@@ -71,7 +71,10 @@ class SearchRules:
 
 @dataclasses.dataclass(frozen=True)
 class MemorySettings:
-    convention: str = "paper"  # working-memory liveness convention: "paper" or "strict"
+    # The working memory the reward and the budget use: "paper" (the lifetime figure's liveness
+    # peak, the default: faithful), "strict" or "deployed" (TFLite Micro's planned arena of
+    # the exported network: what a device allocates). Records keep paper and deployed.
+    convention: str = "paper"
     budget_mb: float = 0.0  # > 0: drop candidates whose total memory exceeds this (1 MB = 1e6 B)
 
     def check(self) -> None:

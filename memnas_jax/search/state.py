@@ -57,6 +57,11 @@ class Entry(_Record):
     working_bytes: int
     total_bytes: int
     predicted_score: float | None = None  # the controller's, in controller rounds
+    # Both memory figures whatever config.memory.convention scores with (the working_bytes
+    # above): the paper's liveness peak and TFLite Micro's arena (memory_report). States of
+    # earlier versions lack them.
+    working_bytes_paper: int | None = None
+    working_bytes_deployed: int | None = None
     status: str = PENDING  # pending, ok, failed, diverged
     accuracy: float | None = None  # search.accuracy_metric, when ok
     reward: float | None = None  # against the round's reference
@@ -90,7 +95,10 @@ class Entry(_Record):
 
 _IDENTITY_FIELDS = ("hash", "kind", "description", "cells_per_block", "architecture",
                     "param_count", "param_bytes", "working_bytes", "total_bytes",
-                    "predicted_score")
+                    "predicted_score", "working_bytes_paper", "working_bytes_deployed")
+# Entry fields written only when set, so that a state of an earlier version reads and writes
+# back unchanged.
+_OPTIONAL_ENTRY_FIELDS = ("working_bytes_paper", "working_bytes_deployed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +255,9 @@ def _json_of(value: Any) -> Any:
         if not value.config_changes:  # v1: only a state resumed with a changed config has it
             del out["config_changes"]
         return out
+    if isinstance(value, Entry):
+        return {f.name: _json_of(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.name not in _OPTIONAL_ENTRY_FIELDS or getattr(value, f.name) is not None}
     if dataclasses.is_dataclass(value):
         return {f.name: _json_of(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
