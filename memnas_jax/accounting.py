@@ -7,7 +7,11 @@ that published tables use (README, "Memory accounting").
   paper's ResNet rows;
 * `layer_outputs`: the sum of every layer's (convolution / dense) output at batch 1, as if no
   buffer were ever reused;
-* `training_activations`: the activations the backward pass keeps, at batch 1.
+* `training_activations`: the activations the backward pass keeps, at batch 1;
+* `tflm` (measured, not modelled): the network exported to LiteRT (`memnas_jax.export`) and run
+  in TFLite Micro at batch 1; working memory is the head of the arena its memory planner
+  allocates (activations, pad copies, concatenation buffers and kernel scratch; docs/deploy.md).
+  Needs the deploy extra.
 
 All in bytes, float32. Parameter memory is 4 bytes per trainable parameter in every accounting.
 """
@@ -24,7 +28,7 @@ from jax.extend import core as jax_core
 
 from memnas_jax import memory
 
-ACCOUNTINGS = ("liveness", "liveness_strict_b16", "layer_outputs", "training_activations")
+ACCOUNTINGS = ("liveness", "liveness_strict_b16", "layer_outputs", "training_activations", "tflm")
 OURS = "liveness"
 
 
@@ -76,6 +80,11 @@ def measure(model: nn.Module, image_shape: tuple[int, ...], accounting: str = OU
         working = memory.analyze(forward, variables, image(1)).working_bytes_paper
     elif accounting == "liveness_strict_b16":
         working = memory.analyze(forward, variables, image(16)).working_bytes_strict
+    elif accounting == "tflm":
+        from memnas_jax import deployment, export, runtimes
+        weights = deployment.numpy_variables(model, image_shape)  # the arena needs no training
+        flatbuffer = export.to_flatbuffer(export.inference_fn(model, weights), (1, *image_shape))
+        working = runtimes.tflm_allocations(flatbuffer)["head"]
     elif accounting == "layer_outputs":
         working = _layer_output_bytes(jax.make_jaxpr(forward)(variables, image(1)).jaxpr)
     else:

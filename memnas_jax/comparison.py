@@ -40,6 +40,7 @@ class Row:
     total_bytes: int
     epochs: int | None
     wall_seconds: float | None
+    device_arena_bytes: int | None = None  # TFLite Micro's arena head, measured (accounting tflm)
 
 
 def final_row(workdir: str | os.PathLike) -> Row:
@@ -50,7 +51,31 @@ def final_row(workdir: str | os.PathLike) -> Row:
                accuracy_of=f"test, {result['epochs_done']} epochs",
                param_bytes=mem["param_bytes"], working_bytes=mem["working_bytes"],
                total_bytes=mem["total_bytes"], epochs=result["epochs_done"],
-               wall_seconds=result["wall_seconds"])
+               wall_seconds=result["wall_seconds"], device_arena_bytes=device_arena(report))
+
+
+def device_arena(report: dict) -> int | None:
+    """TFLite Micro's arena head for the network of a train_final.py report, measured by
+    exporting it (`accounting` "tflm"); None without the deploy extra."""
+    import importlib.util
+    if importlib.util.find_spec("tflite_micro") is None:
+        return None
+    import ml_collections
+
+    from memnas_jax import accounting, baselines, network
+    from memnas_jax import data as data_lib
+    from memnas_jax import train as train_lib
+    from memnas_jax.encoding import Architecture
+    config = ml_collections.ConfigDict(report["config"])
+    if report.get("baseline"):
+        model, image_shape = baselines.baseline_model(report["baseline"]), (32, 32, 3)
+    else:
+        dataset = data_lib.load_dataset(config.data)
+        skeleton = train_lib.skeleton_from_config(config, dataset)
+        model = network.MemNASNetwork(Architecture.from_json(json.dumps(report["architecture"])),
+                                      skeleton)
+        image_shape = dataset.image_shape
+    return accounting.measure(model, image_shape, "tflm").working_bytes
 
 
 def search_rows(search_dir: str | os.PathLike) -> list[Row]:
@@ -89,14 +114,17 @@ def _percent(x: float | None, scale: float) -> str:
 def markdown(rows: Sequence[Row], title: str = "Results") -> str:
     lines = [f"# {title}", "",
              "Memory: parameters (float32) plus the peak of live activations at batch 1 "
-             "(`memory.analyze`, paper convention), in MB (1e6 bytes).", "",
-             "| network | kind | accuracy | of | param MB | working MB | total MB | epochs | "
-             "wall s |", "|---|---|---|---|---|---|---|---|---|"]
+             "(`memory.analyze`, paper convention), in MB (1e6 bytes). Device arena: the "
+             "activation arena TFLite Micro plans for the network exported to LiteRT (float32, "
+             "batch 1), measured in the runtime (accounting `tflm`).", "",
+             "| network | kind | accuracy | of | param MB | working MB | total MB | "
+             "device arena MB | epochs | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r.name} | {r.kind} | {_percent(r.accuracy, 100)} | "
             f"{r.accuracy_of} | {_fmt(r.param_bytes, '.3f', MB)} | "
             f"{_fmt(r.working_bytes, '.3f', MB)} | {_fmt(r.total_bytes, '.3f', MB)} | "
+            f"{_fmt(r.device_arena_bytes, '.3f', MB)} | "
             f"{_fmt(r.epochs, 'd')} | {_fmt(r.wall_seconds, '.0f')} |")
     lines += ["", "As published (MemNAS paper, CIFAR-10; their accounting, not ours):", "",
               "| network | total MB | param MB | top-1 |", "|---|---|---|---|"]
@@ -145,5 +173,5 @@ def write(rows: Sequence[Row], out_dir: str | os.PathLike, title: str = "Results
     plot(rows, out / "results.png", title)
 
 
-__all__ = ["PUBLISHED", "RESULT_FILE", "Row", "final_row", "gather", "markdown", "plot",
-           "search_rows", "write"]
+__all__ = ["PUBLISHED", "RESULT_FILE", "Row", "device_arena", "final_row", "gather", "markdown",
+           "plot", "search_rows", "write"]
