@@ -43,6 +43,11 @@ _TFLM_IMAGES = flags.DEFINE_integer("tflm_images", 10000, "With --checkpoint: te
                                     "TFLite Micro classifies (it runs at a few dozen images/s).")
 _LITERT_IMAGES = flags.DEFINE_integer("litert_images", 10000, "With --checkpoint: test images "
                                       "LiteRT classifies.")
+_INT8 = flags.DEFINE_bool("int8", False, "Also write model_int8.tflite: post-training int8 "
+                          "(weights and activations), calibrated on training images, and "
+                          "measure it beside float32 (deploy.json's int8 section).")
+_CALIBRATION_IMAGES = flags.DEFINE_integer("calibration_images", 500, "Training images that "
+                                           "calibrate the int8 activation ranges.")
 
 
 def main(argv):
@@ -104,6 +109,8 @@ def _main() -> int:
         diff_images=len(images), jax_version=jax.__version__)
     if _CHECKPOINT.value:
         report["accuracy"] = _accuracies(forward, flatbuffer, dataset)
+    if _INT8.value:
+        report["int8"] = _int8(network, flatbuffer, dataset, forward, workdir)
     report["seconds"] = time.perf_counter() - start
     atomic_write(workdir / "deploy.json", json.dumps(report, indent=1) + "\n")
     print(f"{network.name}: {len(flatbuffer):,} B flatbuffer ({measured.param_bytes:,} B "
@@ -115,6 +122,12 @@ def _main() -> int:
         print("test accuracy: " + ", ".join(f"{k} {100 * v['accuracy']:.2f} % "
                                              f"({v['images']} images)"
                                              for k, v in report["accuracy"].items()))
+    if "int8" in report:
+        q = report["int8"]
+        print(f"int8: {q['flatbuffer_bytes']:,} B flatbuffer; TFLite Micro arena head "
+              f"{q['tflm_arena_head_bytes']:,} B, predicted {q['predicted_working_bytes']:,} B"
+              + "".join(f"; {k} test accuracy {100 * v['accuracy']:.2f} % ({v['images']} "
+                        "images)" for k, v in q.get("accuracy", {}).items()))
     print(f"wrote {workdir / 'model.tflite'} and {workdir / 'deploy.json'}")
     return 0
 
@@ -216,6 +229,39 @@ def _accuracies(forward, flatbuffer: bytes, dataset) -> dict:
                          predictions_differing=int(np.sum(predictions
                                                           != jax_predictions[:count])),
                          seconds=time.perf_counter() - start)
+    return out
+
+
+def _int8(network, flatbuffer: bytes, dataset, forward, workdir: pathlib.Path) -> dict:
+    """The int8 model: written beside the float one, its arenas, and with --checkpoint its
+    test accuracy in both runtimes (float32 logits of JAX are no reference for it)."""
+    import numpy as np
+
+    from memnas_jax import arena, deployed, deployment, quantize, runtimes
+    from memnas_jax import data as data_lib
+    from memnas_jax.io import atomic_write
+    calibration = data_lib.normalized(
+        dataset.train.images[:_CALIBRATION_IMAGES.value], dataset)
+    int8 = quantize.int8_flatbuffer(flatbuffer, calibration)
+    atomic_write(workdir / "model_int8.tflite", int8)
+    tflm = runtimes.tflm_arena(int8)
+    graph = (deployed.baseline_graph(network.baseline, network.num_classes, bytes_per_value=1)
+             if network.baseline else deployed.memnas_graph(network.arch, network.skeleton, 1))
+    out = dict(flatbuffer_bytes=len(int8), param_bytes=deployment.flatbuffer_constant_bytes(int8),
+               tflm_arena_head_bytes=tflm.head_bytes, tflm_arena_min_bytes=tflm.min_bytes,
+               litert_arena_bytes=runtimes.litert_arena_bytes(int8),
+               predicted_working_bytes=arena.tflm_arena_bytes(graph),
+               calibration_images=len(calibration))
+    if _CHECKPOINT.value:
+        images = data_lib.normalized(dataset.test.images, dataset)
+        labels = np.asarray(dataset.test.labels)
+        out["accuracy"] = {}
+        for name, count, predict in (("litert", _LITERT_IMAGES.value, runtimes.litert_predict),
+                                     ("tflm", _TFLM_IMAGES.value, runtimes.tflm_predict)):
+            count = min(count, len(labels))
+            predictions = np.argmax(predict(int8, images[:count]), -1)
+            out["accuracy"][name] = dict(
+                accuracy=float(np.mean(predictions == labels[:count])), images=count)
     return out
 
 

@@ -297,13 +297,15 @@ def mobilenetv2_graph(num_classes: int = 10, image_size: int = 32,
     return g.graph([image], [logits])
 
 
-def baseline_graph(name: str, num_classes: int = 10) -> RuntimeGraph:
+def baseline_graph(name: str, num_classes: int = 10, bytes_per_value: int = FLOAT32_BYTES
+                   ) -> RuntimeGraph:
     """The runtime graph of baseline `name` (`memnas_jax.baselines`)."""
     from memnas_jax.baselines import BASELINES
     if name == "mobilenetv2":
-        return mobilenetv2_graph(num_classes)
+        return mobilenetv2_graph(num_classes, bytes_per_value=bytes_per_value)
     if name in BASELINES and name.startswith("resnet"):
-        return resnet_graph(int(name[len("resnet"):]), num_classes)
+        return resnet_graph(int(name[len("resnet"):]), num_classes,
+                            bytes_per_value=bytes_per_value)
     raise ValueError(f"unknown baseline {name!r}; use one of {BASELINES}")
 
 

@@ -117,14 +117,32 @@ def tflm_failure(flatbuffer: bytes) -> str:
     return f"TFLite Micro cannot run this network: {reason}" + (f" ({detail})" if detail else "")
 
 
+def _quantizer(details: dict, key: str):
+    """(to the tensor's type, back to float32) for an input or output `details` entry; the
+    identity for float32, the tensor's scale and zero point for int8."""
+    dtype = np.dtype(details["dtype"])
+    if dtype == np.float32:
+        return (lambda x: np.asarray(x, np.float32)), (lambda x: np.asarray(x, np.float32))
+    params = details[key]
+    scale = float(np.ravel(params["scales"] if "scales" in params else params[0])[0])
+    zero = int(np.ravel(params["zero_points"] if "zero_points" in params else params[1])[0])
+    info = np.iinfo(dtype)
+    return (lambda x: np.clip(np.round(np.asarray(x) / scale) + zero, info.min, info.max
+                              ).astype(dtype),
+            lambda x: ((np.asarray(x, np.float32) - zero) * scale).astype(np.float32))
+
+
 def tflm_predict(flatbuffer: bytes, images: np.ndarray) -> np.ndarray:
-    """Logits of TFLite Micro for float32 NHWC `images`, one image at a time."""
+    """Logits of TFLite Micro for float32 NHWC `images`, one image at a time (an int8 model's
+    input is quantized and its output dequantized with the tensors' own scales)."""
     interpreter = _tflm_interpreter(flatbuffer, _TFLM_ARENA_PROBE)
+    to_input, _ = _quantizer(interpreter.get_input_details(0), "quantization_parameters")
+    _, from_output = _quantizer(interpreter.get_output_details(0), "quantization_parameters")
     out = []
     for image in np.asarray(images, np.float32):
-        interpreter.set_input(image[None], 0)
+        interpreter.set_input(to_input(image[None]), 0)
         interpreter.invoke()
-        out.append(np.array(interpreter.get_output(0))[0])
+        out.append(from_output(np.array(interpreter.get_output(0)))[0])
     return np.stack(out)
 
 
@@ -170,13 +188,14 @@ def litert_predict(flatbuffer: bytes, images: np.ndarray, delegates: bool = True
     """Logits of LiteRT for float32 NHWC `images`, one image at a time (XNNPACK when
     `delegates`, else the builtin kernels)."""
     interpreter = _litert_interpreter(flatbuffer, delegates)
-    source = interpreter.get_input_details()[0]["index"]
-    target = interpreter.get_output_details()[0]["index"]
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    to_input, _ = _quantizer(source, "quantization_parameters")
+    _, from_output = _quantizer(target, "quantization_parameters")
     out = []
     for image in np.asarray(images, np.float32):
-        interpreter.set_tensor(source, image[None])
+        interpreter.set_tensor(source["index"], to_input(image[None]))
         interpreter.invoke()
-        out.append(interpreter.get_tensor(target)[0])
+        out.append(from_output(interpreter.get_tensor(target["index"]))[0])
     return np.stack(out)
 
 
