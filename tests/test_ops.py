@@ -115,6 +115,22 @@ def test_avg_pool_counts_padding_like_pytorch():
                                                [4 / 9, 6 / 9, 4 / 9]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("stride,size", [(1, 8), (2, 8), (2, 7)])
+def test_avg_pool_written_for_tflite_micro_gives_the_same_numbers(stride, size):
+    """The pool op pads then averages VALID (TFLite Micro runs PAD + AVERAGE_POOL_2D); that
+    is bit for bit flax's padded average with count_include_pad, forward and backward."""
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    written = lambda x: nn.avg_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3),
+                                    (stride, stride), "VALID")
+    reference = lambda x: nn.avg_pool(x, (3, 3), (stride, stride), ((1, 1), (1, 1)),
+                                      count_include_pad=True)
+    np.testing.assert_array_equal(jax.jit(written)(x), jax.jit(reference)(x))
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(written(x) ** 2))(x),
+                               jax.grad(lambda x: jnp.sum(reference(x) ** 2))(x), rtol=1e-6)
+    y = _pool_with_identity_conv("avg", x, stride=stride)
+    np.testing.assert_allclose(y, reference(x), rtol=1e-5, atol=1e-6)
+
+
 def test_max_pool_ignores_padding():
     # Padding is -inf: all-negative inputs keep their own maxima at the border.
     x = -1.0 - jnp.arange(16.0).reshape(1, 4, 4, 1)
