@@ -471,6 +471,30 @@ def test_config_fingerprints_are_those_of_the_previous_main():
         PREVIOUS_FINGERPRINTS)
 
 
+def test_random_ranking_is_the_random_search_control(tmp_path):
+    """search.ranking = "random": after the fully trained rounds, a seeded sample of top_k of
+    the same grow-trim candidates trains, and no controller is fitted; the default is left out
+    of the fingerprint, so work directories made before the field existed still resume."""
+    config = _config(max_rounds=3, full_train_rounds=1, full_train_cap=3, top_k=2,
+                     stop_when_no_improvement=False, ranking="random")
+    result = search.run_search(config, tmp_path / "random", train_fn=ScriptedTrainer())
+    state = _state(tmp_path / "random")
+    assert [r.mode for r in state.rounds] == ["sampled"] * 3
+    assert [len(r.entries) for r in state.rounds] == [3, 2, 2] and result.num_trained == 7
+    assert state.controller is None
+    again = search.run_search(config, tmp_path / "again", train_fn=ScriptedTrainer())
+    assert again.winners == result.winners  # seeded: the same sample
+    default = _config()
+    assert default.search.ranking == "controller"
+    relevant, digest = search.config_fingerprint(default)
+    assert "search.ranking" not in relevant
+    with default.unlocked():
+        default.search.ranking = "random"
+    assert search.config_fingerprint(default)[1] != digest
+    with pytest.raises(ConfigError, match="config.search.ranking"):
+        search.run_search(_config(ranking="best"), tmp_path / "bad", train_fn=ScriptedTrainer())
+
+
 def test_state_file_round_trip_and_checksum(tmp_path):
     state = search.SearchState(config={"x": [1, 2.5, None, "é"]}, config_hash="h")
     search.save_state(state, tmp_path)

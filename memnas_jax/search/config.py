@@ -15,6 +15,9 @@ from memnas_jax.errors import UserError
 from memnas_jax.search.settings import SearchSettings, search_defaults
 
 # Config fields that change no result, so a workdir may be resumed with other values.
+# Fields added after work directories existed, with their defaults: left out of the fingerprint
+# while at the default, so that those work directories still resume as they are.
+ADDED_FIELDS = {"search.ranking": "controller"}
 RUN_ONLY_FIELDS = ("resume_with_changed_config", "preemption_grace_seconds", "output",
                    "data.download",
                    "search.time_budget_minutes", "search.max_consecutive_oom",
@@ -83,7 +86,8 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> tuple[dict, str]:
     to. `RUN_ONLY_FIELDS` (output options, caches) are left out."""
     flat = _flatten(to_plain(config))
     relevant = {k: v for k, v in flat.items()
-                if not any(k == f or k.startswith(f + ".") for f in RUN_ONLY_FIELDS)}
+                if not any(k == f or k.startswith(f + ".") for f in RUN_ONLY_FIELDS)
+                and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
     text = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return relevant, hashlib.sha256(text.encode()).hexdigest()
 

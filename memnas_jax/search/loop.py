@@ -129,8 +129,10 @@ class _Search(RoundTraining, ControllerFitting):
             rnd = self.current_round
             reason = stop_reason(self.state, settings)
             # The controller is first fitted after the last fully trained round (nothing uses
-            # it before), then refitted after every round, warm-started.
+            # it before), then refitted after every round, warm-started; never when the
+            # rounds are ranked at random (the random-search control).
             if (reason is None and rnd.phase == "selected"
+                    and settings.search.ranking == "controller"
                     and rnd.round + 1 >= settings.search.full_train_rounds):
                 self.fit_controller(rnd.round)
             self.set_round(dataclasses.replace(self.current_round, phase="done"))
@@ -144,7 +146,8 @@ class _Search(RoundTraining, ControllerFitting):
         r = len(rounds)
         base = Base.of(rounds[-1].winner_entry, rounds[-1].round) if rounds else None
         controller_state = (self.latest_controller()
-                            if r >= settings.search.full_train_rounds else None)
+                            if r >= settings.search.full_train_rounds
+                            and settings.search.ranking == "controller" else None)
         rnd = plan_round(r, base, settings, self.skeleton, controller_state,
                          self.state.controller.round if controller_state else None)
         self.set_round(rnd)

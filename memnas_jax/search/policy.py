@@ -59,12 +59,12 @@ def plan_round(round_index: int, base: Base | None, settings: SearchSettings,
         cap = s.full_train_cap or len(candidates)
         mode = "full" if cap >= len(candidates) else "sampled"
         chosen = seeded_sample([c.arch_hash for c in candidates], cap, settings.seed, round_index)
-    elif controller_state is not None and candidates:
+    elif controller_state is not None and candidates and s.ranking == "controller":
         mode = "controller"
         scores = controller_lib.predict(controller_state,
                                         [c.architecture.to_tokens() for c in candidates])
         chosen = [int(i) for i in ranking.predicted_top_k(scores, min(s.top_k, len(candidates)))]
-    else:  # no controller could be fitted yet (too few successful candidates)
+    else:  # random ranking, or no controller fitted yet (too few successful candidates)
         mode = "sampled"
         chosen = seeded_sample([c.arch_hash for c in candidates], s.top_k, settings.seed,
                                round_index)

@@ -25,6 +25,7 @@ ROUND0_SELECTIONS = ("accuracy", "median_reward")
 CONTROLLER_TARGETS = ("reward", "accuracy")
 ACCURACY_METRICS = ("best_val_accuracy", "final_val_accuracy", "test_accuracy")
 PACKING_MODES = ("auto", "packed", "standalone")
+RANKINGS = ("controller", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +50,17 @@ class SearchRules:
     evaluate_test: bool = False  # also evaluate each candidate on the test split
     reuse_trained: bool = True  # a candidate met again in a later round keeps its results
     candidate_checkpoints: bool = False  # checkpoint candidates (train.checkpoint_every_epochs)
+    # Which top_k candidates later rounds train: "controller" (its ranking, the method) or
+    # "random" (a seeded sample of the same grow-trim candidates, the same number: the
+    # random-search control of Li and Talwalkar 2019 / Yang et al. 2020).
+    ranking: str = "controller"
 
     @property
     def time_budget_seconds(self) -> float:
         return 60.0 * self.time_budget_minutes
 
     def check(self) -> None:
+        check_choice(self.ranking, RANKINGS, "config.search.ranking")
         for name, minimum in (("max_rounds", 1), ("max_cells", 1), ("full_train_rounds", 0),
                               ("full_train_cap", 0), ("top_k", 1), ("max_consecutive_oom", 0)):
             check_int(getattr(self, name), f"config.search.{name}", minimum)
@@ -107,9 +113,10 @@ class ParallelSettings:
     # -1 = auto (compile_ahead.auto_depth: one per 4 host cores, 1 to 4), 0 = off.
     compile_ahead: int = -1
     # Train a round's candidates packed into one compiled program (memnas_jax.packed): "auto"
-    # (packed on GPU/TPU, standalone on a CPU: README, "Packed training"), "packed" or
-    # "standalone". Packed candidates start from other draws of the same initialisers, so the
-    # choice is recorded in each round and kept when it resumes.
+    # (standalone on every backend until a measurement shows packing winning on one:
+    # search.training.PACKING_WINS_ON), "packed" or "standalone". Packed candidates start
+    # from other draws of the same initialisers, so the choice is recorded in each round and
+    # kept when it resumes.
     packing: str = "auto"
     pack_size: int = 0  # candidates per pack; 0 = auto (1 on a CPU, else sized to device memory)
     pack_selection: str = "auto"  # "select" (vmap), "switch" (pack size 1) or "auto"

@@ -29,6 +29,11 @@ from memnas_jax.template import RoundTemplate
 ESTIMATE_AFTER = 3  # candidates trained in this process before the duration is estimated
 OOM_STOP = "candidates in a row ran out of accelerator memory"
 
+# Backends where packing = "auto" packs. Empty: packing has been measured faster than
+# compile-ahead standalone training on none (on a CPU it runs every alternative's FLOPs:
+# docs/performance.md; on a GPU it is not measured yet). Add a backend with its measurement.
+PACKING_WINS_ON: tuple[str, ...] = ()
+
 
 class RoundTraining:
     """Mixin of `loop._Search`: a round's candidates trained and recorded."""
@@ -134,8 +139,8 @@ class RoundTraining:
                                   "packing = 'standalone' (or 'auto')")
             return None
         on_cpu = jax.default_backend() == "cpu"
-        if mode == "auto" and on_cpu:
-            return None  # README, "Packed training": a CPU runs the alternatives' FLOPs
+        if mode == "auto" and jax.default_backend() not in PACKING_WINS_ON:
+            return None  # standalone until a measurement shows packing winning (PACKING_WINS_ON)
         count = sum(e.reused_from_round is None for e in rnd.entries)
         size = pack_size or (1 if on_cpu else min(AUTO_MAX_PACK, max(count, 1)))
         return Packing(pack_size=size, selection=packed_lib.resolve_selection(selection, size))
