@@ -19,7 +19,7 @@ Presets (override any field on the command line, e.g. `--config.reward.lam=0.8`)
 * cpu: the search of results/cifar10_cpu, sized for a 2-core CPU (about an hour): 10,000
   training and 2,000 validation images, width 8, 4 epochs with a cosine schedule, rounds 0 and 1
   sampled to 8 candidates, then the controller's top 5, 4 rounds (26 candidates). The proxy's
-  seed spread and cost: docs/results.md.
+  seed spread and cost: results/cifar10_cpu/ and the README.
 * smoke: a real search on a 2-core CPU in under 15 minutes: a CIFAR-10 subset (2,500 training
   and 500 validation images, from $MEMNAS_DATA_DIR/cifar10/*.npz), width 8, 2 epochs, rounds 0
   and 1 sampled to 5 candidates, rounds 2 and 3 ranked by the controller (top 3): 16 candidates.
