@@ -471,6 +471,30 @@ def test_config_fingerprints_are_those_of_the_previous_main():
         PREVIOUS_FINGERPRINTS)
 
 
+def test_records_keep_both_memory_figures_and_deployed_scores(tmp_path):
+    """Whatever the convention, every entry records the paper and the deployed working memory;
+    with memory.convention = "deployed" the reward and the budget use TFLite Micro's arena."""
+    paper = search.run_search(_config(max_rounds=1), tmp_path / "paper",
+                              train_fn=ScriptedTrainer())
+    config = _config(max_rounds=1)
+    config.memory.convention = "deployed"
+    deployed = search.run_search(config, tmp_path / "deployed", train_fn=ScriptedTrainer())
+    from memnas_jax.space import cifar_skeleton
+    skeleton = cifar_skeleton(4, num_classes=4).replace(image_size=16)  # the test preset's
+    for workdir in (tmp_path / "paper", tmp_path / "deployed"):
+        for e in _state(workdir).rounds[0].entries:
+            report = memory_report(e.architecture, skeleton)
+            assert (e.working_bytes_paper, e.working_bytes_deployed) == (
+                report.working_bytes_paper, report.working_bytes_deployed)
+    for e in _state(tmp_path / "deployed").rounds[0].entries:
+        assert e.working_bytes == e.working_bytes_deployed > e.working_bytes_paper
+    for e in _state(tmp_path / "paper").rounds[0].entries:
+        assert e.working_bytes == e.working_bytes_paper
+    records = reports.read_candidates(tmp_path / "paper")
+    assert all(r["working_bytes_deployed"] for r in records)
+    assert paper.num_trained == deployed.num_trained
+
+
 def test_random_ranking_is_the_random_search_control(tmp_path):
     """search.ranking = "random": after the fully trained rounds, a seeded sample of top_k of
     the same grow-trim candidates trains, and no controller is fitted; the default is left out
