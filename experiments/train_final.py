@@ -34,6 +34,9 @@ _BASELINE = flags.DEFINE_string("baseline", None, "Or a hand-designed baseline: 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and result.json.",
                                required=True)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the initialisation and the data order.")
+_DETERMINISTIC = flags.DEFINE_bool(
+    "gpu_deterministic", False, "GPU: XLA's deterministic ops, so that a resumed or repeated "
+    "run gives the same numbers (docs/reliability.md).")
 _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices", 0, "CPU only: XLA host devices to split the batch over (0 = one per core, "
     "at most 8). Ignored when XLA_FLAGS already sets a count.")
@@ -68,6 +71,8 @@ def _main():
                         "--baseline=NAME (resnet20, resnet56, resnet110, mobilenetv2)")
     xla_flags.set_host_device_count(_HOST_DEVICES.value or min(os.cpu_count() or 1, 8))
     xla_flags.disable_cpu_ynn_fusions()  # ~6x faster CPU convolutions (jaxlib 0.10)
+    if _DETERMINISTIC.value:
+        xla_flags.enable_gpu_determinism()
     from memnas_jax import baselines, distributed, workdir_lock
 
     distributed.initialize()

@@ -58,6 +58,25 @@ def disable_cpu_ynn_fusions() -> bool:
     return True
 
 
+_GPU_DETERMINISM_FLAGS = ("--xla_gpu_deterministic_ops", "--xla_gpu_exclude_nondeterministic_ops")
+
+
+def enable_gpu_determinism() -> bool:
+    """Asks XLA:GPU for deterministic ops (scatter-adds, max-pool backward and convolution
+    algorithms that reproduce bit for bit; autotuning keeps to deterministic ones), so that a
+    resumed or repeated training on a GPU gives the same numbers. No effect on a CPU, where
+    runs already reproduce. Like the others, effective only before JAX starts its backends;
+    returns False, changing nothing, when it is too late or this jaxlib lacks the flags."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _backends_initialized() or not all(_xla_knows_flag(f[2:]) for f in
+                                          _GPU_DETERMINISM_FLAGS):
+        return False
+    for name in _GPU_DETERMINISM_FLAGS:
+        flags = _with_flag(flags, name, "true")
+    os.environ["XLA_FLAGS"] = flags
+    return True
+
+
 def _xla_knows_flag(name: str) -> bool:
     """Whether the installed jaxlib defines the XLA flag `name` (its libraries hold the name)."""
     import mmap
@@ -90,4 +109,5 @@ def _backends_initialized() -> bool:
 
 
 __all__ = ["CPU_COLLECTIVE_TIMEOUT_SECONDS", "HOST_DEVICE_FLAG", "disable_cpu_ynn_fusions",
+           "enable_gpu_determinism",
            "host_device_count_flag", "set_host_device_count"]

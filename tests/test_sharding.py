@@ -43,6 +43,28 @@ def test_host_device_flag(monkeypatch):
         xla_flags.set_host_device_count(0)
 
 
+DETERMINISM_SCRIPT = """
+import os
+from memnas_jax import xla_flags
+assert xla_flags.enable_gpu_determinism()  # before the backend starts
+import jax, jax.numpy as jnp
+print(os.environ["XLA_FLAGS"], float(jax.jit(lambda x: (x * 2).sum())(jnp.ones(3))))
+assert not xla_flags.enable_gpu_determinism()  # too late now
+"""
+
+
+def test_gpu_determinism_flags_are_accepted():
+    """XLA's deterministic GPU ops are asked for before JAX starts (the flags exist in this
+    jaxlib; on a CPU they change nothing, and XLA accepts them)."""
+    proc = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, XLA_FLAGS=""))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    flags, total = proc.stdout.split()[:-1], proc.stdout.split()[-1]
+    assert set(flags) == {"--xla_gpu_deterministic_ops=true",
+                          "--xla_gpu_exclude_nondeterministic_ops=true"}
+    assert total == "6.0"
+
+
 FOUR_DEVICE_SCRIPT = '''
 import json, os
 from memnas_jax import sharding

@@ -17,7 +17,7 @@ from memnas_jax.search.settings import SearchSettings, search_defaults
 # Config fields that change no result, so a workdir may be resumed with other values.
 # Fields added after work directories existed, with their defaults: left out of the fingerprint
 # while at the default, so that those work directories still resume as they are.
-ADDED_FIELDS = {"search.ranking": "controller"}
+ADDED_FIELDS = {"search.ranking": "controller", "gpu_deterministic": False}
 RUN_ONLY_FIELDS = ("resume_with_changed_config", "preemption_grace_seconds", "output",
                    "data.download",
                    "search.time_budget_minutes", "search.max_consecutive_oom",
@@ -40,6 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.resume_with_changed_config = False  # resume a workdir made with another config anyway
     c.host_device_count = 0  # > 0: this many XLA CPU devices (set by the experiment mains)
     c.cpu_ynn_fusions = False  # keep XLA:CPU's YNNPACK fusions (~6x slower convs on our CPUs)
+    # GPU: XLA's deterministic ops, so that exact resume holds on a GPU too (docs/reliability.md)
+    c.gpu_deterministic = False
     # SIGTERM / Ctrl-C: stop after the current step, save, exit 75; at the latest after this
     c.preemption_grace_seconds = preemption.DEFAULT_GRACE_SECONDS
     trainer = train_lib.default_config()

@@ -40,6 +40,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     distributed.initialize_from_config(config)
     if not config.cpu_ynn_fusions:
         xla_flags.disable_cpu_ynn_fusions()
+    if config.get("gpu_deterministic") and not xla_flags.enable_gpu_determinism():
+        logging.warning("could not turn on XLA's deterministic GPU ops (JAX has started, or "
+                        "this jaxlib lacks the flags)")
     if config.host_device_count:
         if not xla_flags.set_host_device_count(config.host_device_count):
             logging.warning("could not set %d host devices (XLA_FLAGS already names a count, "
