@@ -7,6 +7,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+
+def _accelerator() -> str:
+    """"cpu", "gpu" or "tpu", read without starting JAX (experiments/configs/common.py)."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    from configs import common
+    return common.detect_accelerator()[0]
+
+
+ACCELERATOR = _accelerator()
+# Tests whose assertions are about a CPU host (the auto preset, unknown device memory, forced
+# host devices): on a GPU or TPU they skip, saying so.
+cpu_only = pytest.mark.skipif(ACCELERATOR != "cpu", reason=f"asserts a CPU host; this "
+                              f"machine has a {ACCELERATOR}")
 
 
 class TinyCNN(nn.Module):

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import pytest
+from helpers import cpu_only  # tests/ is on sys.path (rootdir conftest)
 
 from memnas_jax import candidate_parallel
 
@@ -69,6 +70,7 @@ def _run_with_four_devices(script: str) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
+@cpu_only  # four forced XLA host devices
 def test_two_groups_of_two_devices_match_sequential_training():
     out = _run_with_four_devices(GROUPS_SCRIPT)
     assert out["groups"] == [[0, 1], [2, 3]]
@@ -132,6 +134,7 @@ print(json.dumps(dict(
 '''
 
 
+@cpu_only  # four forced XLA host devices
 def test_search_with_candidate_groups_equals_the_sequential_search_and_resumes():
     out = _run_with_four_devices(SEARCH_SCRIPT)
     assert out["meshes_one"] == [[0, 1, 2, 3]]

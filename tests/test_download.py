@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import ACCELERATOR  # tests/ is on sys.path (rootdir conftest)
 
 from memnas_jax import data as data_lib
 from memnas_jax import download
@@ -196,6 +197,6 @@ def test_bare_search_command_downloads_and_starts_training(server, tmp_path):
         proc.wait()
     log = "".join(seen)
     assert "epoch 1/" in log, log[-3000:]
-    assert "preset auto: smoke" in log
+    assert f"preset auto: {'smoke' if ACCELERATOR == 'cpu' else 'gpu'}" in log
     assert (tmp_path / "xdg" / "memnas_jax" / "data" / "cifar10" / "train.npz").exists()
     assert server.requests == ["/cifar-10-binary.tar.gz"]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import cpu_only  # tests/ is on sys.path (rootdir conftest)
 
 from memnas_jax import data as data_lib
 from memnas_jax import network, packed, train
@@ -224,6 +225,7 @@ def test_initialisation_follows_each_candidates_initialisers():
     assert unused and not any(np.any(masked[p]) for p in unused)
 
 
+@cpu_only  # bit-level equivalence: GPU kernels may flip a prediction
 @pytest.mark.parametrize("selection, pack", [("select", 3), ("switch", 1)])
 def test_packed_training_matches_training_alone(synthetic, alone, programs, selection, pack):
     config = _config()
@@ -290,6 +292,7 @@ def test_streamed_data_is_refused_with_a_clear_failure(synthetic):
     assert "device-resident data" in results[0].message
 
 
+@cpu_only
 def test_pack_size_is_halved_until_the_step_fits_device_memory(synthetic, monkeypatch):
     """compile_fitting_pack on a device that reports little memory: K 2 -> 1 while XLA's
     memory analysis of the step exceeds 60 % of it (a CPU reports none: K as asked)."""

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import cpu_only  # tests/ is on sys.path (rootdir conftest)
 
 from memnas_jax import sharding, xla_flags
 
@@ -93,6 +94,7 @@ print(json.dumps(dict(devices=jax.device_count(), shards=shards, total=float(tot
 '''
 
 
+@cpu_only
 def test_four_host_devices_split_the_batch():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)

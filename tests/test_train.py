@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from helpers import TinyCNN  # tests/ is on sys.path (rootdir conftest)
+from helpers import TinyCNN, cpu_only  # tests/ is on sys.path (rootdir conftest)
 
 from memnas_jax import data as data_lib
 from memnas_jax import preemption, train
@@ -248,6 +248,7 @@ print(json.dumps(dict(max_diff=max(jax.tree.leaves(diff)),
 '''
 
 
+@cpu_only
 def test_one_and_four_devices_give_the_same_training():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], env=env, cwd=REPO_ROOT,
@@ -344,6 +345,7 @@ print(result.status, result.epochs_done, result.message)
 """
 
 
+@cpu_only
 def test_a_long_epoch_on_two_host_devices_does_not_hang():
     """500 steps in one epoch on 2 XLA:CPU devices. Unbounded asynchronous dispatch deadlocked
     XLA:CPU's collectives here (the first epoch of a 20,000-image training never ended);

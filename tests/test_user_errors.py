@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+from helpers import cpu_only  # tests/ is on sys.path (rootdir conftest)
+
 from memnas_jax.errors import EXIT_USER_ERROR
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -62,6 +64,7 @@ def test_train_final_bad_architecture_file(tmp_path):
     assert "cannot read --arch=" in message and "No such file" in message
 
 
+@cpu_only
 def test_auto_preset_is_smoke_on_a_cpu(monkeypatch):
     sys.path.insert(0, str(REPO_ROOT / "experiments"))
     from configs import cifar10
