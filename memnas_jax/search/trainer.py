@@ -39,6 +39,8 @@ class CandidateTrainer:
                 settings.train.compilation_cache_dir, workdir))
         self.dataset, self.workdir = dataset, workdir
         self.candidate_checkpoints = settings.search.candidate_checkpoints
+        # Once, here on the main thread, before any compile-ahead thread starts.
+        train_lib.configure_compilation_cache(self.settings.compilation_cache_dir)
 
     def compile(self, arch: Architecture, skeleton: Skeleton) -> train_lib.CandidatePrograms:
         return train_lib.compile_candidate(arch, self.settings, self.dataset,

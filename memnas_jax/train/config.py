@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from typing import Any, Mapping
 
 import jax
@@ -183,6 +184,9 @@ def compilation_cache_path(setting: str, workdir: str | os.PathLike) -> str:
     return os.path.join(workdir, XLA_CACHE_DIR) if setting == AUTO_CACHE else setting
 
 
+_CACHE_LOCK = threading.Lock()
+
+
 def configure_compilation_cache(path: str) -> None:
     """Turns on JAX's persistent compilation cache in `path` ("" leaves it as it is).
 
@@ -197,14 +201,15 @@ def configure_compilation_cache(path: str) -> None:
         raise ValueError('compilation_cache_dir "auto" means the work directory\'s cache: '
                          "resolve it with compilation_cache_path(setting, workdir) first")
     path = os.path.abspath(os.path.expanduser(path))
-    if jax.config.jax_compilation_cache_dir == path:
-        return
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    # Candidates compile in 1-50 s and are all worth keeping (JAX's default threshold is 1 s).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    try:  # JAX reads the directory once per process; make a changed directory take effect
-        from jax._src import compilation_cache
-        compilation_cache.reset_cache()
-    except (ImportError, AttributeError):
-        logging.warning("could not reset JAX's compilation cache: %s may not be used", path)
+    with _CACHE_LOCK:  # check, set and reset as one step: compile threads call this too
+        if jax.config.jax_compilation_cache_dir == path:
+            return
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        # Candidates compile in 1-50 s and are all worth keeping (JAX's default: 1 s).
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        try:  # JAX reads the directory once per process; make a changed directory take effect
+            from jax._src import compilation_cache
+            compilation_cache.reset_cache()
+        except (ImportError, AttributeError):
+            logging.warning("could not reset JAX's compilation cache: %s may not be used", path)
