@@ -119,7 +119,9 @@ def _train_and_report(config, workdir: pathlib.Path, arch) -> int:
     result = train.train_model(model, config, dataset, jax.random.PRNGKey(_SEED.value))
     mem = dict(accounting.measure(measured, dataset.image_shape).to_dict(), batch_size=1)
 
-    report = {"name": name, "kind": kind, "config": config.to_dict(),
+    report = {"name": name, "kind": kind, "config": config.to_dict(), "seed": _SEED.value,
+              "data": {"train_images": len(dataset.train),
+                       "test_images": len(dataset.test) if dataset.test is not None else 0},
               "architecture": json.loads(arch.to_json()) if arch is not None else None,
               "baseline": _BASELINE.value or None, "result": result.to_dict(), "memory": mem}
     lines = [f"{name}: status {result.status}" + (f" ({result.message})" if result.message

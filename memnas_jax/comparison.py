@@ -41,6 +41,11 @@ class Row:
     epochs: int | None
     wall_seconds: float | None
     device_arena_bytes: int | None = None  # TFLite Micro's arena head, measured (accounting tflm)
+    width: int | None = None  # a searched network's block width w
+    param_count: int | None = None
+    seed: int | None = None
+    train_images: int | None = None
+    test_images: int | None = None
 
 
 def final_row(workdir: str | os.PathLike) -> Row:
@@ -51,7 +56,21 @@ def final_row(workdir: str | os.PathLike) -> Row:
                accuracy_of=f"test, {result['epochs_done']} epochs",
                param_bytes=mem["param_bytes"], working_bytes=mem["working_bytes"],
                total_bytes=mem["total_bytes"], epochs=result["epochs_done"],
-               wall_seconds=result["wall_seconds"], device_arena_bytes=device_arena(report))
+               wall_seconds=result["wall_seconds"], device_arena_bytes=device_arena(report),
+               width=(report["config"]["skeleton"]["width"] if report["kind"] == "searched"
+                      else None), param_count=mem.get("param_count"), seed=report.get("seed"),
+               **_data_sizes(report))
+
+
+def _data_sizes(report: dict) -> dict:
+    """Training and test images of a train_final.py report (older reports: from its config,
+    CIFAR-10's 50,000 / 10,000 less the validation split and subsets)."""
+    if "data" in report:
+        return report["data"]
+    data = report["config"]["data"]
+    train = 50_000 - data.get("validation_size", 0)
+    return dict(train_images=min(train, data.get("train_subset") or train),
+                test_images=min(10_000, data.get("test_subset") or 10_000))
 
 
 def device_arena(report: dict) -> int | None:
@@ -109,6 +128,17 @@ def _fmt(x, spec: str, scale: float = 1.0) -> str:
 
 def _percent(x: float | None, scale: float) -> str:
     return "-" if x is None else f"{scale * x:.{2 if scale == 100 else 1}f} %"
+
+
+def record(row: Row) -> dict:
+    """The machine-readable row of results.json."""
+    return dict(name=row.name, kind=row.kind, width=row.width, params=row.param_count,
+                test_accuracy=row.accuracy if row.kind != "search candidate" else None,
+                accuracy=row.accuracy, accuracy_of=row.accuracy_of, test_images=row.test_images,
+                train_images=row.train_images, epochs=row.epochs, seed=row.seed,
+                param_bytes=row.param_bytes, working_bytes=row.working_bytes,
+                total_bytes=row.total_bytes, device_arena_bytes=row.device_arena_bytes,
+                wall_s=row.wall_seconds)
 
 
 def markdown(rows: Sequence[Row], title: str = "Results") -> str:
@@ -170,8 +200,9 @@ def write(rows: Sequence[Row], out_dir: str | os.PathLike, title: str = "Results
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.md", markdown(rows, title))
+    atomic_write(out / "results.json", json.dumps([record(r) for r in rows], indent=1) + "\n")
     plot(rows, out / "results.png", title)
 
 
 __all__ = ["PUBLISHED", "RESULT_FILE", "Row", "device_arena", "final_row", "gather", "markdown",
-           "plot", "search_rows", "write"]
+           "plot", "record", "search_rows", "write"]
