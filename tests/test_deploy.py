@@ -120,6 +120,21 @@ def test_runtimes_agree_with_jax_for_every_op(op):
 
 
 @needs_deploy
+@pytest.mark.parametrize("name", ["resnet8", "mobilenetv2"])
+def test_runtimes_agree_with_jax_for_the_baselines(name):
+    from memnas_jax import export, runtimes
+    network = deployment.Network(name, baseline=name)
+    model = network.model()
+    variables = deployment.numpy_variables(model, network.image_shape, seed=2)
+    flatbuffer = export.to_flatbuffer(export.inference_fn(model, variables), (1, 32, 32, 3))
+    images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    expected = np.asarray(jax.jit(export.inference_fn(model, variables))(images))
+    for predict in (runtimes.tflm_predict, runtimes.litert_predict):
+        np.testing.assert_allclose(predict(flatbuffer, images), expected, rtol=0,
+                                   atol=1e-5 * max(float(np.max(np.abs(expected))), 1.0))
+
+
+@needs_deploy
 def test_tflm_arena_report_and_smallest_arena():
     from memnas_jax import runtimes
     flatbuffer = deployment.export_network(deployment.Network("resnet20", baseline="resnet20"))
