@@ -85,7 +85,8 @@ try:
 except ValueError as e:
     error = str(e)
 rows = sharding.process_batch_rows(mesh, 8).tolist()
-timeout = "--xla_cpu_collective_call_terminate_timeout_seconds=3600" in os.environ["XLA_FLAGS"]
+timeout = (f"--xla_cpu_collective_call_terminate_timeout_seconds="
+           f"{xla_flags.CPU_COLLECTIVE_TIMEOUT_SECONDS}") in os.environ["XLA_FLAGS"]
 ynn_off = os.environ["XLA_FLAGS"].endswith("--xla_cpu_experimental_ynn_fusion_type=")
 print(json.dumps(dict(devices=jax.device_count(), shards=shards, total=float(total),
                       replicas=len(params["w"].addressable_shards), error=error, rows=rows,
@@ -106,7 +107,8 @@ def test_four_host_devices_split_the_batch():
     assert out["shards"] == [[0, 2], [2, 2], [4, 2], [6, 2]]  # 2 rows per device
     assert out["replicas"] == 4
     assert out["rows"] == list(range(8))  # one process feeds every row
-    assert out["timeout"]  # XLA:CPU's collective abort pushed back with the device count
+    assert out["timeout"]  # XLA:CPU's collective abort set with the device count:
+    assert xla_flags.CPU_COLLECTIVE_TIMEOUT_SECONDS == 300  # a stuck collective ends in minutes
     assert out["ynn_off"]  # and XLA accepted the flag (an unknown one aborts at start-up)
     assert out["total"] == float(np.arange(24).sum() + 5)
     assert "batch size 6 must be a positive multiple of the 4 devices" in out["error"]
