@@ -79,9 +79,9 @@ def _main() -> int:
     model = network.model()
     if variables is None:
         variables = deployment.numpy_variables(model, network.image_shape, _SEED.value)
-    forward = jax.jit(export.inference_fn(model, variables))
-    flatbuffer = export.to_flatbuffer(export.inference_fn(model, variables),
-                                      (1, *network.image_shape))
+    inference = export.inference_fn(model, variables)
+    forward = jax.jit(inference)
+    flatbuffer = export.to_flatbuffer(inference, (1, *network.image_shape))
     atomic_write(workdir / "model.tflite", flatbuffer)
     measured = deployment.measure(network, flatbuffer)
 
@@ -135,18 +135,10 @@ def _main() -> int:
 def _network_and_weights():
     """(deployment.Network, variables or None, the data config or None, trained epochs)."""
     from memnas_jax import baselines, deployment
-    from memnas_jax.encoding import Architecture, EncodingError
+    from memnas_jax.encoding import read_architecture
     from memnas_jax.space import cifar_skeleton
     from memnas_jax.train import checkpoints
-    arch = None
-    if _ARCH.value:
-        try:
-            arch = Architecture.from_json(pathlib.Path(_ARCH.value).read_text())
-        except OSError as e:
-            raise UserError(f"cannot read --arch={_ARCH.value} ({e.strerror or e})") from None
-        except EncodingError as e:
-            raise UserError(f"--arch={_ARCH.value} is not a valid architecture JSON: {e}"
-                            ) from None
+    arch = read_architecture(_ARCH.value) if _ARCH.value else None
     if _BASELINE.value and _BASELINE.value not in baselines.BASELINES:
         raise UserError(f"--baseline={_BASELINE.value} is not one of {baselines.BASELINES}")
     if not _CHECKPOINT.value:

@@ -51,20 +51,6 @@ def main(argv):
     return exit_on_user_error(_main)
 
 
-def _read_architecture(path: str):
-    from memnas_jax.encoding import Architecture, EncodingError
-    try:
-        text = pathlib.Path(path).read_text()
-    except OSError as e:
-        raise UserError(f"cannot read --arch={path} ({e.strerror or e})") from None
-    try:
-        return Architecture.from_json(text)
-    except EncodingError as e:
-        raise UserError(f"--arch={path} is not a valid architecture JSON "
-                        f"(Architecture.to_json, e.g. a search's best_architecture.json): {e}"
-                        ) from None
-
-
 def _main():
     if bool(_ARCH.value) == bool(_BASELINE.value):
         raise UserError("give exactly one of --arch=FILE (a searched architecture) and "
@@ -74,11 +60,12 @@ def _main():
     if _DETERMINISTIC.value:
         xla_flags.enable_gpu_determinism()
     from memnas_jax import baselines, distributed, workdir_lock
+    from memnas_jax.encoding import read_architecture
 
     distributed.initialize()
     config = _CONFIG.value
     workdir = pathlib.Path(_WORKDIR.value)
-    arch = _read_architecture(_ARCH.value) if _ARCH.value else None
+    arch = read_architecture(_ARCH.value) if _ARCH.value else None
     if _BASELINE.value and _BASELINE.value not in baselines.BASELINES:
         raise UserError(f"--baseline={_BASELINE.value} is not one of {baselines.BASELINES}")
     import jax  # after the XLA flags above

@@ -327,6 +327,22 @@ def random_architecture(rng: np.random.Generator, num_blocks: int = 5, max_cells
 # JSON decoding
 
 
+def read_architecture(path: str, flag: str = "--arch") -> Architecture:
+    """The architecture in the JSON file `path` (`Architecture.to_json`), or a one-line
+    `UserError` naming `flag` when the file cannot be read or is not one."""
+    import pathlib
+    try:
+        text = pathlib.Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"cannot read {flag}={path} ({e.strerror or e})") from None
+    try:
+        return from_json(text)
+    except EncodingError as e:
+        raise UserError(f"{flag}={path} is not a valid architecture JSON "
+                        f"(Architecture.to_json, e.g. a search's best_architecture.json): {e}"
+                        ) from None
+
+
 def from_json(text: str | bytes | dict, max_cells: int = DEFAULT_MAX_CELLS) -> Architecture:
     """Parses `Architecture.to_json()` output; any malformed input raises `EncodingError`."""
     if isinstance(text, dict):
@@ -559,6 +575,6 @@ __all__ = [
     "Architecture", "Block", "Cell", "EncodingError", "OP_NAMES", "NUM_OPS", "DEFAULT_MAX_CELLS",
     "TOKEN_FIELDS", "TOKEN_WIDTH", "TOKEN_REMOVED_OP", "MEMNAS_CONVENTIONS", "cell_from_vectors",
     "cell_to_vectors", "from_bits", "from_json", "from_memnas_feature", "from_vectors",
-    "make_architecture", "op_index", "op_name", "random_architecture", "to_memnas_feature",
-    "uniform_architecture", "validate",
+    "make_architecture", "op_index", "op_name", "random_architecture", "read_architecture",
+    "to_memnas_feature", "uniform_architecture", "validate",
 ]

@@ -10,7 +10,6 @@ Needs the `deploy` extra (`pip install -e ".[deploy]"`).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import numpy as np
@@ -37,15 +36,6 @@ def require(module: str) -> Any:
     except ImportError as e:
         raise DeployUnavailable(f"{module.split('.')[0]} is not installed ({e}); install the "
                                 f"deployment extra: {DEPLOY_EXTRA_HINT}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Exported:
-    """A converted network: the flatbuffer and the JAX function it came from."""
-
-    flatbuffer: bytes
-    forward: Callable[[np.ndarray], np.ndarray]  # float32 NHWC batch -> float32 logits
-    input_shape: tuple[int, ...]  # (1, H, W, C)
 
 
 def inference_fn(model: Any, variables: Any) -> Callable:
@@ -114,15 +104,5 @@ def builtin_code(operator_code: Any) -> int:
     return max(int(operator_code.builtinCode), int(operator_code.deprecatedBuiltinCode))
 
 
-def export_model(model: Any, variables: Any, image_shape: tuple[int, int, int]) -> Exported:
-    """`model` (a linen module called as `(x, train)`) with `variables`, at batch 1."""
-    import jax
-    forward = inference_fn(model, variables)
-    input_shape = (1, *image_shape)
-    flatbuffer = to_flatbuffer(forward, input_shape)
-    jitted = jax.jit(forward)
-    return Exported(flatbuffer, lambda x: np.asarray(jitted(x)), input_shape)
-
-
-__all__ = ["DEPLOY_EXTRA_HINT", "DeployUnavailable", "ExportError", "Exported", "builtin_code",
-           "export_model", "inference_fn", "int32_paddings", "require", "to_flatbuffer"]
+__all__ = ["DEPLOY_EXTRA_HINT", "DeployUnavailable", "ExportError", "builtin_code",
+           "inference_fn", "int32_paddings", "require", "to_flatbuffer"]
