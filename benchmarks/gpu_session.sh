@@ -1,85 +1,79 @@
 #!/usr/bin/env bash
-# The GPU checks of the search-throughput work, as one script with a timeout on each part, for a
-# session that is lent a GPU (DEVELOPERS.md, "The machines"). Prepare and send it from here:
+# The GPU window, prepared: one call of at most 540 s that always brings numbers back, the most
+# decisive first. Each part has its own timeout and writes its log into $OUT as it runs (a part
+# cut short still leaves the candidates it finished: `ROW` lines); its RESULT line and exit code
+# go to $OUT/summary.txt when it ends.
 #
-#   ../shared/tools/gpu-bundle 12000          # .gpu/: wheels, a 12,000-image CIFAR-10 subset, env.sh
-#   (device tool) run  command="bash benchmarks/gpu_session.sh tests round0"  carry=[".gpu"]
+#   ../shared/tools/gpu-bundle 12000 "pytest-timeout>=2.3"   # .gpu/: wheels, data, env.sh
+#   (device tool) run  command="bash benchmarks/gpu_session.sh"  carry=[".gpu"]  timeout_s=570
+#   bash benchmarks/gpu_session.sh --dry-run                  # every part at toy size, on a CPU
 #
-# Parts (arguments, in order; default "tests round0", which fits one 600 s call):
-#   tests   the numeric tests on the GPU (TF32 tolerances)                        <= 90 s
-#   round0  round 0 of the gpu preset: sequential vs compile-ahead vs warm cache  <= 390 s
-#   flags   narrowing the autotuner, each setting on a cold cache                  <= 5 x 150 s
-#   grown4  a round grown from a 4-cell base                                       <= 360 s
-#   packed  issue "part 2": round 0 of the gpu preset (49 candidates) ahead vs packed
-#           (packs of 16, then 49), a 4-cell round packed, the packed tests         <= 560 s
-#   result  the README's results chain: gpu_quick search, final training of its answer and of
-#           ResNet-20 (train_final.py:quick), compare.py                             <= 600 s
-# Everything lands in $OUT (logs and the RESULT lines); each part has its own timeout, so a part
-# that times out leaves the others' figures.
+# Parts, in order (timeouts in s; a timeout is itself a verdict):
+#   versions     python, jax, jaxlib, the devices                                         20
+#   round0       6 round-0 candidates of the gpu preset, 3 epochs on 10,000 images, compiled
+#                ahead on a persistent cache at a fixed absolute path ($CACHE): cold ("ahead"),
+#                warm, and with only the autotune results kept ("tuned")               180
+#   packed       the same round packed, K=16, 3 epochs, its own cold cache              120
+#   tests        the GPU-relevant tests, all of them (no -x)                             110
+#   determinism  one candidate trained twice, each in a fresh process (fresh compile and
+#                autotuning), with XLA's deterministic ops, compared bit for bit         100
 set -uo pipefail
-source .gpu/env.sh
-export MEMNAS_DATA_DIR OUT
+cd "$(dirname "$0")/.."
+DRY_RUN=0
+[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+if [[ $DRY_RUN == 1 ]]; then
+  export OUT=${OUT:-$(mktemp -d -t gpu_session_XXXX)}
+  CACHE=$(mktemp -d -t gpu_session_cache_XXXX)  # fixed within the run, as on the GPU
+else
+  source .gpu/env.sh  # wheels, PYTHONPATH, MEMNAS_DATA_DIR, OUT
+  CACHE=/tmp/memnas_gpu_session/xla_cache
+fi
+mkdir -p "$OUT" "$CACHE"
+export MEMNAS_DATA_DIR=${MEMNAS_DATA_DIR:-} OUT PYTHONUNBUFFERED=1
+FAILED=0
+
 log() { echo "=== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
-part() {  # part SECONDS NAME COMMAND...
+part() {  # part SECONDS NAME COMMAND...: its log in $OUT/NAME.log, its verdict in summary.txt
   local seconds=$1 name=$2; shift 2
-  log "$name (timeout ${seconds}s)"
-  timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1
-  echo "exit $?" >> "$OUT/$name.log"
-  grep -h "^RESULT\|passed\|failed\|^exit" "$OUT/$name.log" | tail -3 | tee -a "$OUT/summary.txt"
+  local shown="$*"
+  log "$name (timeout ${seconds}s): ${shown:0:160}"
+  local start=$SECONDS
+  timeout -k 10 "$seconds" "$@" > "$OUT/$name.log" 2>&1
+  local code=$?
+  local verdict="exit $code"
+  [[ $code == 124 || $code == 137 ]] && verdict="TIMEOUT after ${seconds}s (exit $code)"
+  [[ $code != 0 ]] && FAILED=1
+  echo "$verdict in $((SECONDS - start)) s" >> "$OUT/$name.log"
+  grep -h "^RESULT\|passed\|failed\|error" "$OUT/$name.log" | tail -2 | tee -a "$OUT/summary.txt"
+  echo "$name: $verdict in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
 }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/summary.txt"
-SUBSET="--train_subset 10000 --validation_subset 2000"
-PARTS=${*:-tests round0}
 
-# The numeric tests on the GPU (TF32 tolerances; issue "part 1", item 4).
-[[ " $PARTS " == *" tests "* ]] && part 90 tests python3 -m pytest -q -x -p no:cacheprovider tests/test_ops.py tests/test_train.py \
-  tests/test_compile_ahead.py -k "not slow"
-
-# Round 0 of the gpu preset: sequential (the old path) against compile-ahead and a warm cache.
-# The RESULT line counts the files of XLA's per-fusion autotune cache in the compilation cache.
-[[ " $PARTS " == *" round0 "* ]] && part 390 round0 python3 benchmarks/search_throughput.py \
-  --preset gpu --round 0 --candidates 6 $SUBSET
-
-# Narrowing the autotuner: each setting on a cold cache, ahead mode only.
-[[ " $PARTS " == *" flags "* ]] && for flags in "--xla_gpu_autotune_level=1" "--xla_gpu_autotune_level=2" \
-             "--xla_gpu_experimental_enable_fusion_autotuner=false" \
-             "--xla_gpu_enable_triton_gemm=false"; do
-  name=flags$(echo "$flags" | tr -c 'a-z0-9' '_' | cut -c1-60)
-  part 150 "$name" python3 benchmarks/search_throughput.py --preset gpu --round 0 \
-    --candidates 6 $SUBSET --modes ahead --xla_flags "$flags"
-done
-[[ " $PARTS " == *" flags "* ]] && part 150 eval_autotune0 python3 \
-  benchmarks/search_throughput.py --preset gpu --round 0 --candidates 6 $SUBSET --modes ahead \
-  --eval_compiler_options xla_gpu_autotune_level=0
-
-# A round grown from a 4-cell base (bigger programs).
-[[ " $PARTS " == *" grown4 "* ]] && part 360 grown4 python3 benchmarks/search_throughput.py --preset gpu --round 1 --base_cells 4 \
-  --candidates 4 $SUBSET --modes sequential,ahead
-# Packed training: one program per round, K candidates per step (README, "Packed training").
-if [[ " $PARTS " == *" packed "* ]]; then
-  part 60 packed_tests python3 -m pytest -q -x -p no:cacheprovider tests/test_packed.py \
-    -k "matches or diverging"
-  part 200 packed_round0 python3 benchmarks/search_throughput.py --preset gpu --round 0 \
-    --candidates 49 $SUBSET --modes ahead --packing 16
-  part 120 packed_round0_49 python3 benchmarks/search_throughput.py --preset gpu --round 0 \
-    --candidates 49 $SUBSET --modes ahead --packing 49
-  part 180 packed_grown4 python3 benchmarks/search_throughput.py --preset gpu --round 1 \
-    --base_cells 4 --candidates 32 $SUBSET --modes ahead --packing 16
+if [[ $DRY_RUN == 1 ]]; then  # toy sizes: synthetic 16 px data, width 4, 1 epoch
+  ROUND="--preset test --candidates 2 --epochs 1"
+  PACK=2
+  TESTS=(tests/test_ops.py -k "closed_forms_by_hand or max_pool_ignores")
+  DETERMINISM="--preset test --epochs 1 --deterministic on"
+else
+  ROUND="--preset gpu --round 0 --candidates 6 --epochs 3 --train_subset 10000 --validation_size 2000"
+  PACK=16
+  TESTS=(tests/test_ops.py tests/test_train.py tests/test_compile_ahead.py tests/test_packed.py
+         tests/test_sharding.py -m "not slow")
+  DETERMINISM="--preset gpu --epochs 1 --train_subset 4000 --validation_size 2000 --deterministic on"
 fi
-# The results chain (README, "Results"): work directories in /tmp, the reports copied to $OUT.
-if [[ " $PARTS " == *" result "* ]]; then
-  R=/tmp/runs; mkdir -p "$R" "$OUT/results"
-  part 330 result_search python3 experiments/cifar10_search.py \
-    --config=experiments/configs/cifar10.py:gpu_quick --workdir=$R/quick \
-    --config.output.progress_bar=false --config.data.validation_size=2000
-  FINAL="--config=experiments/configs/train_final.py:quick"
-  part 150 result_final python3 experiments/train_final.py $FINAL \
-    --arch=$R/quick/best_architecture.json --workdir=$R/final
-  part 90 result_resnet20 python3 experiments/train_final.py $FINAL --baseline=resnet20 \
-    --workdir=$R/resnet20
-  part 30 result_compare python3 experiments/compare.py --search=$R/quick \
-    --final=$R/final,$R/resnet20 --out="$OUT/results"
-  cp $R/quick/{best.json,leaderboard.md,pareto.png,candidates.jsonl} "$OUT/results/" 2>/dev/null
-  for d in final resnet20; do cp $R/$d/result.json "$OUT/results/$d.json" 2>/dev/null; done
-fi
-log done
+
+part 20 versions python3 -c "import sys, jax, jaxlib, flax, optax
+print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__,
+      'flax', flax.__version__, 'optax', optax.__version__)
+print(jax.default_backend(), jax.devices())"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+  --format=csv,noheader >> "$OUT/versions.log"
+# shellcheck disable=SC2086  # the size options split into words on purpose
+part 180 round0 python3 benchmarks/search_throughput.py $ROUND --modes ahead,warm,tuned \
+  --cache_dir "$CACHE"
+# shellcheck disable=SC2086
+part 120 packed python3 benchmarks/search_throughput.py $ROUND --modes packed --packing $PACK
+part 110 tests python3 -m pytest -q -p no:cacheprovider -o addopts="" "${TESTS[@]}"
+# shellcheck disable=SC2086
+part 100 determinism python3 benchmarks/determinism.py $DETERMINISM
+log "done (out: $OUT)"
+exit $FAILED

@@ -17,9 +17,17 @@ candidate group), once per mode, each mode in a fresh process:
   a new search does);
 * warm: the same with the cache the "ahead" run filled (a resumed or repeated search, and a
   later round meeting the same programs);
+* tuned: the same cache with its executables deleted and XLA's per-fusion autotune results
+  (GPU) kept, at the same absolute path (JAX puts that path into the compile options): what a
+  new candidate costs on a host that has searched before (on a CPU, where nothing is autotuned,
+  this is "ahead" again);
 * packed (`--packing K`, -1 = the search's auto size): the round's candidates as one template
   (`memnas_jax.packed`), compiled once, the sample trained in packs of K, with a fresh cache
   (`--pack_selection`: "select" vmaps the pack, "switch" runs one candidate's ops only).
+
+The candidates train in the search's order (`search.training_order`: first a few that use
+every op, so that their autotune results serve the rest), or with `--order sample` in the
+sample's.
 
 Per candidate it prints compile seconds (in whichever thread compiled it), the seconds training
 waited for its programs, training seconds (the epochs' steps), other seconds (init, evaluation,
@@ -44,7 +52,7 @@ import time
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "experiments"))  # the presets: experiments/configs
 
-MODES = ("sequential", "ahead", "warm", "packed")
+MODES = ("sequential", "ahead", "warm", "tuned", "packed")
 # Dense peak in TFLOP/s by (backend, compute dtype): this project's 2-core AMD EPYC (fp32 FMA,
 # train_throughput.py) and an NVIDIA H200 SXM (bf16 tensor cores / fp32 without them, from
 # NVIDIA's data sheet); --peak_tflops for other hardware.
@@ -61,6 +69,8 @@ def _config(args):
         config.data.train_subset = args.train_subset
     if args.validation_subset:
         config.data.validation_subset = args.validation_subset
+    if args.validation_size is not None:
+        config.data.validation_size = args.validation_size
     if args.width:
         config.skeleton.width = args.width
     config.train.eval_compiler_options = args.eval_compiler_options
@@ -114,6 +124,9 @@ def worker(spec: dict) -> dict:
     skeleton = train.skeleton_from_config(config, dataset)
     candidates = round_candidates(config, skeleton, args.round, args.base_cells,
                                   args.candidates)
+    if args.order == "search":
+        candidates = [candidates[k] for k in search.training_order(
+            [c.architecture for c in candidates])]
     trainer = search.CandidateTrainer(search.SearchSettings.from_config(config), dataset,
                                       pathlib.Path(spec["workdir"]))
     depth = resolve_depth(spec["compile_ahead"])
@@ -138,6 +151,7 @@ def worker(spec: dict) -> dict:
                     other_s=now - last - train_s - result.compile_wait_seconds, wall_s=now - last,
                     accuracy=result.best_val_accuracy, images_per_s=result.images_per_second,
                     flops_per_image=result.train_flops_per_image))
+                _stream_row(spec["mode"], rows[-1])
                 last = now
     wall = time.perf_counter() - start
     train = sum(r["train_s"] for r in rows)
@@ -155,6 +169,12 @@ def worker(spec: dict) -> dict:
         peak_fraction=(flops / train / (peak * 1e12)) if train and peak else None,
         dtype=dtype, epochs=config.train.epochs, train_images=len(dataset.train),
         failed=sum(r["status"] != "ok" for r in rows), rows=rows)
+
+
+def _stream_row(mode: str, row: dict) -> None:
+    """One candidate's row as it ends (`ROW {json}`, flushed): a mode killed by a timeout
+    still leaves the candidates it finished in the log."""
+    print("ROW " + json.dumps(dict(mode=mode, **row)), flush=True)
 
 
 def _packed_rows(args, config, skeleton, trainer) -> list[dict]:
@@ -191,6 +211,7 @@ def _packed_rows(args, config, skeleton, trainer) -> list[dict]:
                 # its images over its share of the pack's time: summed rows give the pack's
                 images_per_s=result.images_per_second * len(pack),
                 flops_per_image=result.train_flops_per_image))
+            _stream_row("packed", rows[-1])
         last = now
     return rows
 
@@ -201,6 +222,13 @@ def _cache_files(cache: str) -> dict:
     files = [p for p in pathlib.Path(cache).rglob("*") if p.is_file()]
     return dict(cache_files=len(files),
                 autotune_cache_files=sum("autotune" in str(p.parent) for p in files))
+
+
+def _keep_autotune_results_only(cache: str) -> None:
+    """Deletes the cache's executables, keeping XLA's per-fusion autotune results in place."""
+    for path in pathlib.Path(cache).rglob("*"):
+        if path.is_file() and "autotune" not in str(path.parent):
+            path.unlink()
 
 
 def _print_mode(result: dict) -> None:
@@ -228,6 +256,23 @@ def _print_mode(result: dict) -> None:
           + cache)
 
 
+def _run_worker(spec: dict, env: dict, tmp: str) -> tuple[int, list[str], str]:
+    """Runs one mode's worker, passing its `ROW` lines through as they come."""
+    err_path = os.path.join(tmp, f"{spec['mode']}.stderr")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
+                                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=env)
+        lines = []
+        for line in proc.stdout:
+            if line.startswith("ROW "):
+                print(line, end="", flush=True)
+            elif line.startswith("WORKER "):
+                lines.append(line)
+        returncode = proc.wait()
+    return returncode, lines, pathlib.Path(err_path).read_text()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--preset", default="smoke", help="cifar10.py preset")
@@ -240,6 +285,9 @@ def main() -> None:
                         help="training images (0: the preset's)")
     parser.add_argument("--validation_subset", type=int, default=0,
                         help="validation images (0: the preset's)")
+    parser.add_argument("--validation_size", type=int, default=None,
+                        help="images held out of the training set for validation (default: "
+                        "the preset's)")
     parser.add_argument("--width", type=int, default=0, help="block width (0: the preset's)")
     parser.add_argument("--compile_ahead", type=int, default=-1,
                         help="depth of the ahead/warm modes (-1: the search's auto)")
@@ -258,6 +306,8 @@ def main() -> None:
                         "search's auto size; 0: not)")
     parser.add_argument("--pack_selection", default="auto",
                         help="packed mode: select, switch (pack size 1) or auto")
+    parser.add_argument("--order", default="search", choices=("search", "sample"),
+                        help="training order: the search's (every op first) or the sample's")
     parser.add_argument("--modes", default=",".join(MODES[:3]),
                         help=f"comma-separated, from {MODES}; the first is the reference")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -283,12 +333,11 @@ def main() -> None:
                                    }.get(mode, cache),
                         compile_ahead=0 if mode == "sequential" else args.compile_ahead,
                         pack_size=args.packing)
-            proc = subprocess.run(
-                [sys.executable, __file__, "--worker", json.dumps(spec)], cwd=REPO_ROOT,
-                capture_output=True, text=True, check=False, env=env)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("WORKER ")]
-            if proc.returncode or not lines:
-                sys.exit(f"mode {mode} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            if mode == "tuned":
+                _keep_autotune_results_only(cache)
+            returncode, lines, stderr = _run_worker(spec, env, tmp)
+            if returncode or not lines:
+                sys.exit(f"mode {mode} failed (exit {returncode}):\n{stderr[-4000:]}")
             results.append(json.loads(lines[-1][len("WORKER "):]))
             if mode != "sequential":
                 results[-1].update(_cache_files(spec["cache_dir"]))
@@ -299,7 +348,10 @@ def main() -> None:
         "candidates_per_hour", "compile_s", "train_s", "overhead_share", "images_per_s",
         "peak_fraction", "cache_files", "autotune_cache_files")}
     summary.update(preset=args.preset, round=args.round, epochs=final["epochs"],
-                   train_images=final["train_images"], xla_flags=args.xla_flags)
+                   train_images=final["train_images"], xla_flags=args.xla_flags,
+                   order=args.order, modes={r["mode"]: {k: r[k] for k in (
+                       "candidates_per_hour", "wall_s", "compile_s", "compile_wait_s")}
+                       for r in results})
     if len(results) > 1:
         print("\n| mode | candidates/hour | wall s | compile s | waited s | train s | "
               "overhead | speed-up |")

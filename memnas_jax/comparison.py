@@ -17,10 +17,10 @@ import os
 import pathlib
 from typing import Sequence
 
-from memnas_jax import reports
 from memnas_jax.io import atomic_write
+from memnas_jax.memory import MB
+from memnas_jax.plots import pyplot, save_figure
 
-MB = 1e6
 RESULT_FILE = "result.json"  # what train_final.py writes in its work directory
 # The MemNAS paper's CIFAR-10 table: (name, total MB, parameter MB, top-1 %), as published.
 PUBLISHED = (("MemNAS, lambda 0.5", 5.8, 0.8, 94.0), ("ResNet-56", 6.7, 3.4, 93.0),
@@ -165,7 +165,7 @@ def markdown(rows: Sequence[Row], title: str = "Results") -> str:
 
 def plot(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
     """Accuracy against total memory: our networks filled, the published points hollow."""
-    fig, ax = reports.pyplot().subplots(figsize=(7, 5))
+    fig, ax = pyplot().subplots(figsize=(7, 5))
     styles = {"searched": ("o", "tab:red"), "baseline": ("s", "tab:blue"),
               "search candidate": (".", "tab:gray")}
     for kind, (marker, color) in styles.items():
@@ -193,7 +193,7 @@ def plot(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    reports.save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def write(rows: Sequence[Row], out_dir: str | os.PathLike, title: str = "Results") -> None:

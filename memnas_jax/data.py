@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from memnas_jax import download as download_lib
+from memnas_jax import settings as settings_lib
 from memnas_jax.augment import (  # re-exported
     augment_batch,
     crop,
@@ -39,6 +40,7 @@ from memnas_jax.augment import (  # re-exported
 )
 from memnas_jax.errors import UserError
 from memnas_jax.pipeline import (  # re-exported
+    StreamingSplit,
     center_crop,
     host_batches,
     preprocess_record,
@@ -72,27 +74,72 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
 # Config
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-    """Which dataset, from where, and how it is split."""
-    c = ml_collections.ConfigDict()
-    c.name = "cifar10"  # one of DATASET_NAMES
-    c.source = "auto"  # "auto": npz when a copy is found, else TFDS; or force "npz" / "tfds"
+@dataclasses.dataclass(frozen=True)
+class SyntheticSettings:
+    """config.data.synthetic: random but learnable data (tests, benchmarks)."""
+
+    num_train: int = 512
+    num_validation: int = 128
+    num_test: int = 128
+    image_size: int = 32
+    channels: int = 3
+    num_classes: int = 10
+    seed: int = 0
+
+    def check(self, where: str) -> None:
+        for name, minimum in (("num_train", 1), ("num_validation", 0), ("num_test", 0),
+                              ("image_size", 4), ("channels", 1), ("num_classes", 2),
+                              ("seed", 0)):
+            settings_lib.check_int(getattr(self, name), f"{where}.{name}", minimum)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """config.data: which dataset, from where, and how it is split (`load_dataset`)."""
+
+    name: str = "cifar10"  # one of DATASET_NAMES
+    source: str = "auto"  # "auto": npz when a copy is found, else TFDS; or force "npz" / "tfds"
     # folder of train.npz and test.npz ("" = <$MEMNAS_DATA_DIR or ~/.cache/memnas_jax/data>/<name>)
-    c.npz_dir = ""
-    c.tfds_data_dir = ""  # "" = the TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+    npz_dir: str = ""
+    tfds_data_dir: str = ""  # "" = the TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
     # CIFAR-10/100 with no local copy: download the official archive once (memnas_jax.download)
-    c.download = True
-    c.validation_size = 5000  # held out of the training set for search-time selection; 0 = none
-    c.validation_seed = 0
-    c.train_subset = 0  # 0 = whole split; else this many examples (smoke runs)
-    c.validation_subset = 0
-    c.test_subset = 0
-    c.subset_mode = "stratified"  # "stratified" (equal per class) or "first" (first N as stored)
-    # synthetic data (tests, benchmarks)
-    c.synthetic = ml_collections.ConfigDict(dict(
-        num_train=512, num_validation=128, num_test=128, image_size=32, channels=3,
-        num_classes=10, seed=0))
-    return c
+    download: bool = True
+    validation_size: int = 5000  # held out of the training set for selection; 0 = none
+    validation_seed: int = 0
+    train_subset: int = 0  # 0 = whole split; else this many examples (smoke runs)
+    validation_subset: int = 0
+    test_subset: int = 0
+    subset_mode: str = "stratified"  # "stratified" (equal per class) or "first" (as stored)
+    synthetic: SyntheticSettings = SyntheticSettings()
+
+    @classmethod
+    def from_config(cls, config: Any, where: str = "config.data") -> "DataSettings":
+        """The checked settings of a `config.data` section (a DataSettings passes through)."""
+        if isinstance(config, DataSettings):
+            return config
+        synthetic = settings_lib.from_config(
+            SyntheticSettings, (config or {}).get("synthetic"), f"{where}.synthetic")
+        settings = settings_lib.from_config(cls, config, where, synthetic=synthetic)
+        settings.check(where)
+        return settings
+
+    def check(self, where: str = "config.data") -> None:
+        settings_lib.check_choice(self.name, DATASET_NAMES, f"{where}.name")
+        settings_lib.check_choice(self.source, SOURCES, f"{where}.source")
+        settings_lib.check_choice(self.subset_mode, SUBSET_MODES, f"{where}.subset_mode")
+        for name in ("validation_size", "validation_seed", "train_subset", "validation_subset",
+                     "test_subset"):
+            settings_lib.check_int(getattr(self, name), f"{where}.{name}", 0)
+        self.synthetic.check(f"{where}.synthetic")
+
+
+class DataError(UserError, ValueError):
+    """The data does not fit the config (image size, channels, classes, too few images)."""
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """`DataSettings()` as a ConfigDict."""
+    return settings_lib.to_config(DataSettings())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,22 +168,6 @@ class ArraySplit:
 
     def take(self, indices: np.ndarray) -> "ArraySplit":
         return ArraySplit(self.images[indices], self.labels[indices])
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamingSplit:
-    """A random-access source of records {"image": uint8 HWC, "label": int} (a
-    `tfds.data_source`, or any sequence), batched on the host at `image_size`.
-
-    `resize`: "none" (records already have the size), or "imagenet" (train: random-resized crop;
-    eval: resize the shorter side to image_size / 0.875, centre crop)."""
-
-    source: Any
-    image_size: int
-    resize: str = "none"
-
-    def __len__(self) -> int:
-        return len(self.source)
 
 
 Split = ArraySplit | StreamingSplit
@@ -242,8 +273,10 @@ class _Prefix:
 # Loading
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
-    """The dataset named by `config` (see `default_data_config`), split and subset."""
+def load_dataset(config: ml_collections.ConfigDict | DataSettings) -> Dataset:
+    """The dataset named by `config` (a `config.data` section or `DataSettings`), split and
+    subset. `ConfigError` for a bad setting, `DataError` for data that does not fit it."""
+    config = DataSettings.from_config(config)
     name = config.name
     if name == "synthetic":
         s = config.synthetic
@@ -253,15 +286,25 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     elif name in CIFAR_NAMES:
         dataset = _load_cifar(name, config)
         validation_from_train = True
-    elif name in IMAGENET_NAMES:
+    else:
         dataset = _load_imagenet(name, config)
         validation_from_train = False
-    else:
-        raise ValueError(f"unknown dataset {name!r}; use one of {DATASET_NAMES}")
     if validation_from_train:
+        if config.validation_size >= len(dataset.train):
+            raise DataError(f"config.data.validation_size = {config.validation_size} leaves no "
+                            f"training images: {name} has {len(dataset.train)}")
         train, validation = hold_out_validation(dataset.train, config.validation_size,
                                                 config.validation_seed)
         dataset = dataclasses.replace(dataset, train=train, validation=validation)
+    for split, field in (("train", "train_subset"), ("validation", "validation_subset"),
+                         ("test", "test_subset")):
+        available = getattr(dataset, split)
+        count = getattr(config, field)
+        if count and (available is None or count > len(available)):
+            have = "none" if available is None else len(available)
+            raise DataError(f"config.data.{field} = {count}, but the {name} {split} split has "
+                            f"{have} images{_after_hold_out(config, split)}: ask for at most "
+                            f"that many (0 = the whole split)")
     mode = config.subset_mode
     return dataclasses.replace(
         dataset, train=subset(dataset.train, config.train_subset, mode),
@@ -269,14 +312,21 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
         test=subset(dataset.test, config.test_subset, mode))
 
 
-def _npz_dir(name: str, config: ml_collections.ConfigDict) -> pathlib.Path:
+def _after_hold_out(config: DataSettings, split: str) -> str:
+    if config.name in CIFAR_NAMES and config.validation_size and split in ("train",
+                                                                          "validation"):
+        return f" (after config.data.validation_size = {config.validation_size} held out)"
+    return ""
+
+
+def _npz_dir(name: str, config: DataSettings) -> pathlib.Path:
     """config.npz_dir, else <$MEMNAS_DATA_DIR or the user cache folder>/<name>."""
     if config.npz_dir:
         return pathlib.Path(config.npz_dir)
     return download_lib.cache_root() / name
 
 
-def _not_found(name: str, config: ml_collections.ConfigDict, details: Sequence[str]
+def _not_found(name: str, config: DataSettings, details: Sequence[str]
                ) -> DatasetNotFoundError:
     tfds_dir = config.tfds_data_dir or "$TFDS_DATA_DIR or ~/tensorflow_datasets"
     return DatasetNotFoundError(
@@ -290,9 +340,7 @@ def _not_found(name: str, config: ml_collections.ConfigDict, details: Sequence[s
         f"datasets needs tensorflow-cpu once) and copy the data_dir here.")
 
 
-def _load_cifar(name: str, config: ml_collections.ConfigDict) -> Dataset:
-    if config.source not in SOURCES:
-        raise ValueError(f"data source {config.source!r} is not one of {SOURCES}")
+def _load_cifar(name: str, config: DataSettings) -> Dataset:
     npz_dir = _npz_dir(name, config)
     details: list[str] = []
     splits = None
@@ -306,7 +354,7 @@ def _load_cifar(name: str, config: ml_collections.ConfigDict) -> Dataset:
             splits = load_tfds_arrays(name, ("train", "test"), config.tfds_data_dir)
         except DatasetNotFoundError as e:
             details.append(str(e))
-    if splits is None and config.source != "tfds" and config.get("download", False):
+    if splits is None and config.source != "tfds" and config.download:
         try:
             splits = _npz_splits(download_lib.ensure_cifar(name, npz_dir))
         except download_lib.DownloadError as e:
@@ -315,7 +363,9 @@ def _load_cifar(name: str, config: ml_collections.ConfigDict) -> Dataset:
         raise _not_found(name, config, details)
     train, test = splits
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
-    _check_labels(train, CIFAR_NAMES[name], name)
+    for split_name, split in (("train", train), ("test", test)):
+        if split is not None:
+            _check_split(split, CIFAR_NAMES[name], name, split_name, npz_dir)
     return Dataset(name, CIFAR_NAMES[name], train.images.shape[1:], train, None, test, mean, std)
 
 
@@ -324,9 +374,24 @@ def _npz_splits(folder: pathlib.Path) -> tuple[ArraySplit, ArraySplit | None]:
     return load_npz(folder / "train.npz"), test
 
 
-def _check_labels(split: ArraySplit, num_classes: int, name: str) -> None:
-    if len(split) and not 0 <= split.labels.min() <= split.labels.max() < num_classes:
-        raise ValueError(f"{name}: labels outside 0..{num_classes - 1}")
+CIFAR_IMAGE_SHAPE = (32, 32, 3)
+
+
+def _check_split(split: ArraySplit, num_classes: int, name: str, split_name: str,
+                 where: pathlib.Path) -> None:
+    """The CIFAR layout: 32x32 RGB images, labels 0..num_classes-1, every class present."""
+    shape = tuple(split.images.shape[1:])
+    fix = (f"point config.data.npz_dir (or ${DATA_DIR_ENV}) at {name}'s own arrays, or set "
+           "config.data.name to the dataset these are")
+    if shape != CIFAR_IMAGE_SHAPE:
+        raise DataError(f"{name} {split_name} images in {where} are "
+                        f"{'x'.join(map(str, shape))}, not {name}'s 32x32x3: {fix}")
+    if not len(split):
+        raise DataError(f"the {name} {split_name} split in {where} is empty: {fix}")
+    low, high = int(split.labels.min()), int(split.labels.max())
+    if low < 0 or high >= num_classes:
+        raise DataError(f"{name} {split_name} labels in {where} run {low}..{high}, outside "
+                        f"0..{num_classes - 1}: {fix}")
 
 
 def load_npz(path: str | os.PathLike) -> ArraySplit:
@@ -407,7 +472,7 @@ IMAGENET_MANUAL = (
     "config.data.tfds_data_dir to its data_dir.")
 
 
-def _load_imagenet(name: str, config: ml_collections.ConfigDict) -> Dataset:
+def _load_imagenet(name: str, config: DataSettings) -> Dataset:
     size = IMAGENET_NAMES[name]
     resize = "imagenet" if name == "imagenet2012" else "none"
     try:
@@ -447,8 +512,9 @@ def synthetic_dataset(num_train: int = 512, num_validation: int = 128, num_test:
 
 
 __all__ = [
-    "ArraySplit", "CIFAR10_MEAN", "CIFAR10_STD", "DATASET_NAMES", "DATA_DIR_ENV", "Dataset",
-    "DatasetNotFoundError", "IMAGENET_MANUAL", "StreamingSplit", "augment_batch", "center_crop",
+    "ArraySplit", "CIFAR10_MEAN", "CIFAR10_STD", "DATASET_NAMES", "DATA_DIR_ENV", "DataError",
+    "DataSettings", "Dataset", "DatasetNotFoundError", "SyntheticSettings", "IMAGENET_MANUAL",
+    "StreamingSplit", "augment_batch", "center_crop",
     "crop", "cutout", "default_data_config", "epoch_permutation", "hold_out_validation",
     "normalized",
     "host_batches", "load_dataset", "load_npz", "load_tfds_arrays", "mirror", "normalize",

@@ -30,6 +30,9 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
+from memnas_jax import settings as settings_lib
+from memnas_jax.errors import ConfigError
+
 # Variables whose presence means a cluster manager launched this process as one of several
 # (what JAX's auto-detection reads).
 _CLUSTER_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
@@ -121,18 +124,40 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return True
 
 
-def default_config() -> ml_collections.ConfigDict:
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
     """`config.distributed`: empty values mean "from the environment or auto-detected"."""
-    return ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0,
-                                          process_id=-1))
+
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 0
+    process_id: int = -1
+
+    @classmethod
+    def from_config(cls, config: Any, where: str = "config.distributed"
+                    ) -> DistributedSettings:
+        if isinstance(config, DistributedSettings):
+            return config
+        settings = settings_lib.from_config(cls, config, where)
+        settings_lib.check_int(settings.num_processes, f"{where}.num_processes", 0)
+        settings_lib.check_int(settings.process_id, f"{where}.process_id", -1)
+        if settings.num_processes and settings.process_id >= settings.num_processes:
+            raise ConfigError(f"{where}.process_id = {settings.process_id} must be below "
+                              f"num_processes = {settings.num_processes}")
+        return settings
 
 
-def initialize_from_config(config: ml_collections.ConfigDict) -> bool:
-    """`initialize` with `config.distributed` (absent or empty fields: environment / auto)."""
-    d = config.get("distributed") or default_config()
-    return initialize(d.get("coordinator_address") or None,
-                      d.get("num_processes") or None,
-                      None if d.get("process_id", -1) < 0 else d.process_id)
+def default_config() -> ml_collections.ConfigDict:
+    """`DistributedSettings()` as a ConfigDict."""
+    return settings_lib.to_config(DistributedSettings())
+
+
+def initialize_from_config(config: ml_collections.ConfigDict | DistributedSettings) -> bool:
+    """`initialize` with `config.distributed` (or its settings; empty fields: environment /
+    auto)."""
+    d = (config if isinstance(config, DistributedSettings)
+         else DistributedSettings.from_config(config.get("distributed")))
+    return initialize(d.coordinator_address or None, d.num_processes or None,
+                      None if d.process_id < 0 else d.process_id)
 
 
 def is_initialized() -> bool:

@@ -49,6 +49,7 @@ from memnas_jax.paper_proxy import (  # re-exported
 )
 from memnas_jax.space import Skeleton
 
+MB = 1e6  # decimal megabytes, as the paper's tables: every table and plot of memory uses it
 LIVENESS_CONVENTIONS = ("paper", "strict")
 CONVENTIONS = (*LIVENESS_CONVENTIONS, "deployed")
 

@@ -397,18 +397,11 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
     for c, arch in enumerate(archs):
         history = histories[c]
         status = "diverged" if c in diverged else "ok"
-        val_curve = tuple(h["val_accuracy"] for h in history)
-        evaluated = [(acc, h["epoch"]) for acc, h in zip(val_curve, history) if acc is not None]
-        best = max(evaluated, key=lambda t: t[0], default=(None, None))
         own = extract_variables(module, arch, jax.tree.map(lambda x, c=c: x[c], variables))
         epochs_done = sum(1 for h in history if math.isfinite(h["train_loss"]))
-        results.append(train_lib.TrainResult(
-            status=status, message=diverged.get(c, ""), best_val_accuracy=best[0],
-            best_val_epoch=best[1],
-            final_val_accuracy=evaluated[-1][0] if evaluated and status == "ok" else None,
-            test_accuracy=None if tests is None or status != "ok" else tests[c],
-            loss_curve=tuple(h["train_loss"] for h in history), val_accuracy_curve=val_curve,
-            epochs_done=epochs_done, resumed_from_epoch=0,
+        results.append(train_lib.from_history(
+            history, status=status, message=diverged.get(c, ""),
+            test_accuracy=None if tests is None else tests[c], resumed_from_epoch=0,
             param_count=param_count(arch, skeleton), wall_seconds=wall / n,
             compile_seconds=programs.compile_seconds / n if compiled_here else 0.0,
             compile_wait_seconds=compile_wait / n,

@@ -5,13 +5,27 @@ normalises them (`memnas_jax.augment`)."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # data imports this module
-    from memnas_jax.data import StreamingSplit
+
+@dataclasses.dataclass(frozen=True)
+class StreamingSplit:
+    """A random-access source of records {"image": uint8 HWC, "label": int} (a
+    `tfds.data_source`, or any sequence), batched on the host at `image_size`.
+
+    `resize`: "none" (records already have the size), or "imagenet" (train: random-resized crop;
+    eval: resize the shorter side to image_size / 0.875, centre crop)."""
+
+    source: Any
+    image_size: int
+    resize: str = "none"
+
+    def __len__(self) -> int:
+        return len(self.source)
 
 
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:

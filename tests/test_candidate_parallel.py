@@ -93,7 +93,8 @@ SEARCH_SCRIPT = r'''
 import json, pathlib, sys, tempfile, threading
 sys.path.insert(0, "tests")
 import jax
-from memnas_jax import reports, search, sharding
+from memnas_jax import search, sharding
+from memnas_jax.search import reports
 from test_search import Interrupted, ScriptedTrainer, _config, _without_timing
 
 class GroupRecordingTrainer(ScriptedTrainer):

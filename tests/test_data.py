@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from memnas_jax import data as data_lib
+from memnas_jax.errors import ConfigError
 
 
 def _config(**overrides):
@@ -243,8 +244,37 @@ def test_imagenet_missing_gives_manual_download_steps(tmp_path):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+    with pytest.raises(ConfigError, match="config.data.name = 'mnist' is not one of"):
         data_lib.load_dataset(_config(name="mnist"))
+
+
+@pytest.mark.parametrize("shape, labels, match", [
+    ((28, 28, 1), 10, "are 28x28x1, not cifar10's 32x32x3"),
+    ((32, 32, 3), 12, "labels in .* run 0..11, outside 0..9"),
+])
+def test_npz_data_that_does_not_fit_cifar10_is_refused(tmp_path, shape, labels, match):
+    for split, n in (("train", 600), ("test", 100)):
+        np.savez(tmp_path / f"{split}.npz", image=np.zeros((n, *shape), np.uint8),
+                 label=np.arange(n) % labels)
+    with pytest.raises(data_lib.DataError, match=match):
+        data_lib.load_dataset(_config(name="cifar10", source="npz", npz_dir=str(tmp_path),
+                                      validation_size=100))
+
+
+def test_too_few_images_for_the_subsets_is_refused(tmp_path):
+    for split, n in (("train", 600), ("test", 100)):
+        np.savez(tmp_path / f"{split}.npz", image=np.zeros((n, 32, 32, 3), np.uint8),
+                 label=np.arange(n) % 10)
+    config = dict(name="cifar10", source="npz", npz_dir=str(tmp_path))
+    with pytest.raises(data_lib.DataError, match="validation_size = 600 leaves no training"):
+        data_lib.load_dataset(_config(**config, validation_size=600))
+    with pytest.raises(data_lib.DataError, match=r"train_subset = 501, but the cifar10 train "
+                       r"split has 500 images \(after config.data.validation_size = 100"):
+        data_lib.load_dataset(_config(**config, validation_size=100, train_subset=501))
+    with pytest.raises(data_lib.DataError, match="test_subset = 101, .* test split has 100"):
+        data_lib.load_dataset(_config(**config, validation_size=100, test_subset=101))
+    assert len(data_lib.load_dataset(_config(**config, validation_size=100,
+                                             train_subset=500)).train) == 500
 
 
 def test_real_cifar10_npz(data_dir, monkeypatch):

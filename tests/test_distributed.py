@@ -182,7 +182,7 @@ runpy.run_path("experiments/cifar10_search.py", run_name="__main__")
 
 
 def _records(workdir: pathlib.Path) -> list[dict]:
-    from memnas_jax import reports
+    from memnas_jax.search import reports
     return [{k: r[k] for k in ("hash", "status", "accuracy", "epochs_done")}
             for r in reports.read_candidates(workdir)]
 

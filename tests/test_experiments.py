@@ -15,10 +15,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from memnas_jax import data as data_lib
-from memnas_jax import reports, search, train
+from memnas_jax import search, train
 from memnas_jax.encoding import from_json
 from memnas_jax.memory import memory_report
 from memnas_jax.reward import RewardConfig, memory_efficient_reward
+from memnas_jax.search import reports
 
 # config_flags loads config files with the deprecated load_module()
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")

@@ -8,9 +8,10 @@ import struct
 import numpy as np
 import pytest
 
-from memnas_jax import reports, search
+from memnas_jax import search
 from memnas_jax.encoding import from_json
 from memnas_jax.io import atomic_write
+from memnas_jax.search import reports
 from memnas_jax.space import cifar_skeleton
 
 SKELETON = cifar_skeleton(4, num_classes=4).replace(image_size=16)

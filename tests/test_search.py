@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 
 from memnas_jax import controller as controller_lib
-from memnas_jax import reports, search
+from memnas_jax import search
 from memnas_jax.errors import ConfigError
 from memnas_jax.grow_trim import generate_candidates, initial_candidates
 from memnas_jax.memory import memory_report
 from memnas_jax.reward import RewardConfig, memory_efficient_reward
+from memnas_jax.search import reports
 from memnas_jax.train import TrainResult
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -582,6 +583,13 @@ class ScriptedPackTrainer(ScriptedTrainer):
 
     fits: int = 100
     packs: list = dataclasses.field(default_factory=list)
+    compiles_ahead = False  # a full search.Trainer: packs, no compiling ahead
+
+    def __call__(self, arch, skeleton, key, *, programs=None, mesh=None):
+        return super().__call__(arch, skeleton, key)
+
+    def compile(self, arch, skeleton):
+        raise AssertionError("not compiled ahead")
 
     def why_not_packed(self):
         return None
@@ -643,3 +651,75 @@ def test_packing_choices_and_their_errors(tmp_path):
         config.parallel.update({"packing": "packed", field: value})
         with pytest.raises(ValueError, match=message):
             search.run_search(config, tmp_path / "bad", train_fn=ScriptedPackTrainer())
+
+
+def test_training_order_covers_every_op_first():
+    from memnas_jax.encoding import Cell, uniform_architecture
+    archs = [uniform_architecture([Cell(0, 0, a, b)]) for a, b in
+             [(0, 0), (0, 1), (2, 3), (1, 2)]]
+    # (0, 1) adds two ops, then (2, 3) two more; the rest add none and keep their order
+    assert search.training_order(archs) == [1, 2, 0, 3]
+    assert search.training_order([]) == []
+
+
+def test_training_order_of_a_real_round_is_a_permutation_covering_its_ops_early():
+    config = _config()
+    options = search.SearchSettings.from_config(config).grow_trim_options(0)
+    archs = [c.architecture for c in initial_candidates(5, options)]
+    order = search.training_order(archs)
+    assert sorted(order) == list(range(len(archs)))
+    def ops(arch):
+        return {op for block in arch for c in block for op in (c.op1, c.op2) if op is not None}
+    every = set().union(*(ops(a) for a in archs))
+    first = set()
+    for k, i in enumerate(order):
+        first |= ops(archs[i])
+        if first == every:
+            break
+    assert k + 1 <= (len(every) + 1) // 2  # two ops a cell: about half as many candidates as ops
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.name", "cifar11", "config.data.name = 'cifar11' is not one of"),
+    ("data.train_subset", -1, "config.data.train_subset must be an integer >= 0"),
+    ("data.synthetic.image_size", 2, "config.data.synthetic.image_size must be an integer >= 4"),
+    ("skeleton.kind", "foo", "config.skeleton.kind = 'foo' is not one of ('cifar', 'imagenet')"),
+    ("skeleton.width", -3, "config.skeleton.width must be an integer >= 1, got -3"),
+    ("skeleton.width_schedule", "1,2", "config.skeleton.width_schedule must be 'uniform'"),
+    ("skeleton.bn_momentum", 1.5, "config.skeleton.bn_momentum must be in [0, 1)"),
+    ("distributed.num_processes", -2, "config.distributed.num_processes must be an integer"),
+    ("host_device_count", -1, "config.host_device_count must be an integer >= 0"),
+    ("gpu_deterministic", "yes", "config.gpu_deterministic must be bool"),
+    ("preemption_grace_seconds", 0, "config.preemption_grace_seconds must be > 0"),
+    ("seed", -1, "config.seed must be an integer >= 0"),
+])
+def test_every_config_section_passes_the_boundary(field, value, message):
+    config = search.default_config()
+    *path, name = field.split(".")
+    section = config
+    for part in path:
+        section = section[part]
+    with section.ignore_type():
+        section[name] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[")):
+        search.check_config(config)
+
+
+def test_an_unknown_top_level_field_or_section_is_named():
+    config = search.default_config()
+    config.colour = "blue"
+    with pytest.raises(ConfigError, match="config.colour is not a setting"):
+        search.check_config(config)
+
+
+def test_the_trainer_contract_is_declared_not_probed():
+    assert isinstance(ScriptedPackTrainer(), search.Trainer)
+    plain = ScriptedTrainer()  # a plain function: wrapped, no compile ahead, no packs
+    assert not isinstance(plain, search.Trainer)
+    wrapped = search.FunctionTrainer(plain)
+    assert isinstance(wrapped, search.Trainer) and not wrapped.compiles_ahead
+    assert "one candidate at a time" in wrapped.why_not_packed()
+    arch = initial_candidates(5, _round0_options(_config()))[0].architecture
+    key = jax.random.key(0)
+    assert wrapped(arch, None, key) == plain(arch, None, key)

@@ -13,7 +13,8 @@ import time
 import pytest
 from test_experiments import CIFAR_CONFIG, _without_timing  # tests/ is on sys.path
 
-from memnas_jax import preemption, reports, search
+from memnas_jax import preemption, search
+from memnas_jax.search import reports
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 KILLS, TERMS, SEED = 15, 2, 0

@@ -10,7 +10,8 @@ import pytest
 from test_search import ScriptedTrainer, _config, _without_timing  # tests/ is on sys.path
 
 from memnas_jax import io as io_lib
-from memnas_jax import reports, search
+from memnas_jax import search
+from memnas_jax.search import reports
 
 _real_write = io_lib._write
 

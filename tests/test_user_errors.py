@@ -74,3 +74,16 @@ def test_auto_preset_is_smoke_on_a_cpu(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     assert cifar10.auto_preset() == ("gpu", "JAX_PLATFORMS=cuda")
     assert cifar10.get_config().train.dtype == "bfloat16"  # the gpu preset
+
+
+def test_bad_skeleton_and_data_that_do_not_fit_end_in_one_line(tmp_path):
+    message = _fails_cleanly(SEARCH, f"--config={CIFAR}:test", "--config.skeleton.kind=foo",
+                             f"--workdir={tmp_path / 'w'}")
+    assert "config.skeleton.kind = 'foo' is not one of ('cifar', 'imagenet')" in message
+    import numpy as np
+    for split, n in (("train", 600), ("test", 100)):
+        np.savez(tmp_path / f"{split}.npz", image=np.zeros((n, 28, 28, 1), np.uint8),
+                 label=np.arange(n) % 10)
+    message = _fails_cleanly(SEARCH, f"--config={CIFAR}:smoke",
+                             f"--config.data.npz_dir={tmp_path}", f"--workdir={tmp_path / 'v'}")
+    assert "cifar10 train images in" in message and "are 28x28x1, not cifar10's 32x32x3" in message

@@ -51,11 +51,16 @@ The package, one job per module:
 * `policy`: the pure rules of a round (what to train, the reference, rewards, the winner, stopping);
 * `state`: the typed, frozen search state (`Entry` in a `Round` in a `SearchState`), its JSON form
   and file (atomic, checksummed, previous copy kept, format-versioned), and the `SearchResult`;
-* `trainer`: `CandidateTrainer`, what trains a candidate or a pack (standalone and packed);
-* `training`: a round's candidates trained with it and recorded (standalone, groups or packs);
-* `fitting`: the controller refitted after each round, saved, restored after a resume;
+* `trainer`: the `Trainer` contract and `CandidateTrainer`, what trains a candidate or a pack;
+* `training`: `RoundTrainer`, a round's candidates trained with it (standalone, groups or
+  packs), each step yielded to the loop;
+* `fitting`: `ControllerFitter`, the controller refitted after each round, saved, restored
+  after a resume;
 * `progress`: the progress bar and the log lines;
-* `loop`: `run_search`, the round state machine over the above; after each save it calls the
+* `reports`: what the search leaves in its work directory, a view of the state (candidates.jsonl,
+  best.json, the leaderboard, plots, TensorBoard);
+* `loop`: `run_search`, the round state machine over the above and the one owner of the
+  state (the collaborators return what they produce); after each save it calls the
   update hooks (the reports of the work directory, and the caller's `on_update`);
 * `experiment`: `run_experiment`, what the experiment mains run.
 """
@@ -69,8 +74,14 @@ from memnas_jax.search.config import (
 )
 from memnas_jax.search.experiment import run_experiment
 from memnas_jax.search.fitting import CONTROLLER_DIR
-from memnas_jax.search.loop import TIME_BUDGET_STOP, UpdateHook, run_search
-from memnas_jax.search.policy import plan_round, planned_candidates, select_winner, stop_reason
+from memnas_jax.search.loop import OOM_STOP, TIME_BUDGET_STOP, UpdateHook, run_search
+from memnas_jax.search.policy import (
+    plan_round,
+    planned_candidates,
+    select_winner,
+    stop_reason,
+    training_order,
+)
 from memnas_jax.search.seeds import candidate_key, derive_seed, seeded_sample
 from memnas_jax.search.settings import (
     ACCURACY_METRICS,
@@ -81,6 +92,7 @@ from memnas_jax.search.settings import (
     MemorySettings,
     OutputSettings,
     ParallelSettings,
+    RunSettings,
     SearchRules,
     SearchSettings,
     controller_vocab_sizes,
@@ -108,9 +120,10 @@ from memnas_jax.search.trainer import (
     AUTO_MAX_PACK,
     CANDIDATE_CHECKPOINT_DIR,
     CandidateTrainer,
+    FunctionTrainer,
+    Trainer,
     TrainFn,
 )
-from memnas_jax.search.training import OOM_STOP
 
 __all__ = [
     "ACCURACY_METRICS", "AUTO_MAX_PACK", "CANDIDATE_CHECKPOINT_DIR", "CONFIG_FILE",
@@ -118,10 +131,13 @@ __all__ = [
     "ROUND0_SELECTIONS", "RUN_ONLY_FIELDS", "STATE_FILE", "STATE_FORMAT", "TIME_BUDGET_STOP",
     "Base", "CandidateTrainer", "ConfigMismatchError", "ControllerFit", "ControllerRef", "Entry",
     "GrowTrimSettings", "MemorySettings", "OutputSettings", "Packing", "ParallelSettings",
-    "Reference", "Round", "SearchResult", "SearchRules", "SearchSettings", "SearchState",
-    "StateError", "TrainFn", "UpdateHook", "Winner", "candidate_key", "check_config",
+    "Reference", "Round", "RunSettings", "SearchResult", "SearchRules", "SearchSettings",
+    "SearchState",
+    "StateError", "TrainFn", "Trainer", "FunctionTrainer", "UpdateHook", "Winner",
+    "candidate_key", "check_config",
     "config_fingerprint",
     "controller_vocab_sizes", "default_config", "derive_seed", "load_state", "plan_round",
     "planned_candidates", "run_experiment", "run_search", "save_state", "seeded_sample",
+    "training_order",
     "select_winner", "stop_reason",
 ]

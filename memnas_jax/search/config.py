@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
 
 import ml_collections
 
-from memnas_jax import distributed, preemption
+from memnas_jax import distributed
 from memnas_jax import train as train_lib
 from memnas_jax.errors import UserError
-from memnas_jax.search.settings import SearchSettings, search_defaults
+from memnas_jax.search.settings import RunSettings, SearchSettings, search_defaults
 
 # Config fields that change no result, so a workdir may be resumed with other values.
 # Fields added after work directories existed, with their defaults: left out of the fingerprint
@@ -37,13 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     dataclasses (memnas_jax/search/settings.py); presets live in experiments/configs/."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.resume_with_changed_config = False  # resume a workdir made with another config anyway
-    c.host_device_count = 0  # > 0: this many XLA CPU devices (set by the experiment mains)
-    c.cpu_ynn_fusions = False  # keep XLA:CPU's YNNPACK fusions (~6x slower convs on our CPUs)
-    # GPU: XLA's deterministic ops, so that exact resume holds on a GPU too (docs/reliability.md)
-    c.gpu_deterministic = False
-    # SIGTERM / Ctrl-C: stop after the current step, save, exit 75; at the latest after this
-    c.preemption_grace_seconds = preemption.DEFAULT_GRACE_SECONDS
+    c.update(dataclasses.asdict(RunSettings()))  # the top-level fields (search/settings.py)
     trainer = train_lib.default_config()
     c.data = trainer.data
     c.skeleton = trainer.skeleton

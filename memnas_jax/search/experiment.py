@@ -11,7 +11,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from memnas_jax import distributed, preemption, reports
+from memnas_jax import distributed, preemption
+from memnas_jax.memory import MB
 from memnas_jax.search.loop import run_search
 from memnas_jax.search.state import SearchResult
 
@@ -36,24 +37,27 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     `config.cpu_ynn_fusions`, turns XLA:CPU's slow YNNPACK fusions off (both before JAX starts its
     backends), then `run_search` and a closing log line."""
     from memnas_jax import xla_flags
-    _quiet_orbax_info()
-    distributed.initialize_from_config(config)
-    if not config.cpu_ynn_fusions:
-        xla_flags.disable_cpu_ynn_fusions()
-    if config.get("gpu_deterministic") and not xla_flags.enable_gpu_determinism():
-        logging.warning("could not turn on XLA's deterministic GPU ops (JAX has started, or "
-                        "this jaxlib lacks the flags)")
-    if config.host_device_count:
-        if not xla_flags.set_host_device_count(config.host_device_count):
-            logging.warning("could not set %d host devices (XLA_FLAGS already names a count, "
-                            "or JAX has started)", config.host_device_count)
+    from memnas_jax.search.config import check_config
     if allow_config_change:
         with config.unlocked():
             config.resume_with_changed_config = True
+    settings = check_config(config)  # every section checked before anything starts
+    run = settings.run
+    _quiet_orbax_info()
+    distributed.initialize_from_config(settings.distributed)
+    if not run.cpu_ynn_fusions:
+        xla_flags.disable_cpu_ynn_fusions()
+    if run.gpu_deterministic and not xla_flags.enable_gpu_determinism():
+        logging.warning("could not turn on XLA's deterministic GPU ops (JAX has started, or "
+                        "this jaxlib lacks the flags)")
+    if run.host_device_count:
+        if not xla_flags.set_host_device_count(run.host_device_count):
+            logging.warning("could not set %d host devices (XLA_FLAGS already names a count, "
+                            "or JAX has started)", run.host_device_count)
     logging.info("JAX %s on %s: %d process(es), %d local device(s)", jax.__version__,
                  jax.default_backend(), jax.process_count(), jax.local_device_count())
     start = time.perf_counter()
-    preemption.install(config.get("preemption_grace_seconds", preemption.DEFAULT_GRACE_SECONDS))
+    preemption.install(run.preemption_grace_seconds)
     try:
         result = run_search(config, workdir)
     except preemption.Preempted:
@@ -69,6 +73,6 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                      "finished" if result.finished else "stopped",
                      time.perf_counter() - start, result.num_trained, result.num_rounds,
                      result.stop_reason, result.arch_hash[:12], 100 * result.accuracy,
-                     result.total_bytes / reports.MB, result.param_bytes / reports.MB,
-                     result.working_bytes / reports.MB, result.architecture)
+                     result.total_bytes / MB, result.param_bytes / MB,
+                     result.working_bytes / MB, result.architecture)
     return result

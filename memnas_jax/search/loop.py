@@ -15,15 +15,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from memnas_jax import controller as controller_lib
 from memnas_jax import data as data_lib
-from memnas_jax import distributed, reports
+from memnas_jax import distributed, preemption
 from memnas_jax import train as train_lib
 from memnas_jax.errors import ConfigError
 from memnas_jax.io import atomic_write
 from memnas_jax.memory import memory_report
+from memnas_jax.search import reports
 from memnas_jax.search.config import ConfigMismatchError, config_diff, config_fingerprint, to_plain
-from memnas_jax.search.fitting import ControllerFitting
+from memnas_jax.search.fitting import ControllerFitter
 from memnas_jax.search.policy import plan_round, planned_candidates, select_winner, stop_reason
 from memnas_jax.search.progress import duration_text, log_round
 from memnas_jax.search.settings import SearchSettings
@@ -31,14 +31,15 @@ from memnas_jax.search.state import (
     CONFIG_FILE,
     Base,
     Entry,
+    Round,
     SearchResult,
     SearchState,
     load_state,
     save_state,
     search_result,
 )
-from memnas_jax.search.trainer import CandidateTrainer, TrainFn
-from memnas_jax.search.training import OOM_STOP, RoundTraining
+from memnas_jax.search.trainer import CandidateTrainer, Trainer, TrainFn, as_trainer
+from memnas_jax.search.training import RoundTrainer
 from memnas_jax.space import Skeleton
 from memnas_jax.workdir_lock import WorkdirLock, prepare_workdir
 
@@ -47,18 +48,23 @@ from memnas_jax.workdir_lock import WorkdirLock, prepare_workdir
 UpdateHook = Callable[[SearchState, bool], None]
 
 
+ESTIMATE_AFTER = 3  # candidates trained in this process before the duration is estimated
+OOM_STOP = "candidates in a row ran out of accelerator memory"
+
+
 @dataclasses.dataclass
-class _Search(RoundTraining, ControllerFitting):
-    """The mutable run of one search (kept private: `run_search` is the API)."""
+class _Search:
+    """The mutable run of one search (kept private: `run_search` is the API). It alone replaces
+    the search state; its collaborators (`RoundTrainer`, `ControllerFitter`) take what they
+    need and return what they produce."""
 
     settings: SearchSettings
     workdir: pathlib.Path
     state: SearchState  # replaced, never edited, at each step
     skeleton: Skeleton
-    train_fn: TrainFn
+    round_trainer: RoundTrainer
+    fitter: ControllerFitter
     writer: bool
-    controller_state: controller_lib.ControllerState | None = None
-    controller_state_round: int | None = None
     on_save: tuple[UpdateHook, ...] = ()  # after each save: (state, round ended)
     seconds_trained: list = dataclasses.field(default_factory=list)  # this process's candidates
     run_start: float = dataclasses.field(default_factory=time.perf_counter)
@@ -73,6 +79,13 @@ class _Search(RoundTraining, ControllerFitting):
         save_state(self.state, self.workdir)
         for hook in self.on_save:
             hook(self.state, plots)
+
+    @property
+    def current_round(self) -> Round:
+        return self.state.rounds[-1]
+
+    def set_round(self, rnd: Round) -> None:
+        self.state = self.state.with_round(rnd)
 
     # ----- one round
     def log_plan(self) -> None:
@@ -134,20 +147,61 @@ class _Search(RoundTraining, ControllerFitting):
             if (reason is None and rnd.phase == "selected"
                     and settings.search.ranking == "controller"
                     and rnd.round + 1 >= settings.search.full_train_rounds):
-                self.fit_controller(rnd.round)
+                self.state = self.fitter.fit(self.state, rnd.round)
             self.set_round(dataclasses.replace(self.current_round, phase="done"))
             if reason is not None:
                 self.finish(reason)
             else:
                 self.save(plots=True)
 
+    def train_pending(self) -> None:
+        """Trains the current round's pending candidates, recording and saving each step."""
+        if not self.seconds_trained:
+            self.log_plan()
+        if not self.current_round.packing_decided:
+            self.set_round(self.round_trainer.decide_packing(self.current_round))
+            self.save()
+        steps = self.round_trainer.steps(self.current_round, self.state.rounds[:-1])
+        try:
+            for step in steps:
+                self.set_round(step.round)
+                for result in step.trained:
+                    self.state = dataclasses.replace(self.state,
+                                                     num_trained=self.state.num_trained + 1)
+                    self.seconds_trained.append(result.wall_seconds)
+                    if len(self.seconds_trained) == ESTIMATE_AFTER:
+                        self.log_plan()
+                self.save()
+                if step.trained and self.out_of_memory_stop():
+                    return
+                preemption.check()  # between candidates: the state is saved
+        finally:
+            steps.close()
+
+    def out_of_memory_stop(self) -> str | None:
+        """Why to stop when the last `search.max_consecutive_oom` trained candidates all ran
+        out of device memory (counted over the state, so a resume keeps the streak)."""
+        limit = self.settings.search.max_consecutive_oom
+        streak = 0
+        for _, entry in self.state.trained_entries():
+            if entry.reused_from_round is not None:
+                continue
+            streak = streak + 1 if entry.failure == "out_of_memory" else 0
+        if not limit or streak < limit:
+            return None
+        return (f"{streak} {OOM_STOP}: the setting, not "
+                "the candidates, is too large for the device. Try a smaller train.batch_size, "
+                "a memory.budget_mb, fewer parallel.candidate_groups or parallel.compile_ahead "
+                "(compiled programs wait in memory); then rerun the same command with "
+                "--allow_config_change")
+
     def plan_next_round(self) -> None:
         rounds, settings = self.state.rounds, self.settings
         r = len(rounds)
         base = Base.of(rounds[-1].winner_entry, rounds[-1].round) if rounds else None
-        controller_state = (self.latest_controller()
-                            if r >= settings.search.full_train_rounds
-                            and settings.search.ranking == "controller" else None)
+        controller_state = None
+        if r >= settings.search.full_train_rounds and settings.search.ranking == "controller":
+            controller_state, self.state = self.fitter.latest(self.state)
         rnd = plan_round(r, base, settings, self.skeleton, controller_state,
                          self.state.controller.round if controller_state else None)
         self.set_round(rnd)
@@ -199,28 +253,27 @@ def _with_both_memory_figures(state: SearchState, skeleton: Skeleton) -> SearchS
         for rnd in state.rounds))
 
 
-def _summary(config: ml_collections.ConfigDict, settings: SearchSettings, skeleton: Skeleton
-             ) -> dict:
+def _summary(settings: SearchSettings, skeleton: Skeleton) -> dict:
     """The few settings the leaderboard states."""
     s = settings.search
     return {"lambda": settings.reward.lam,
             "memory budget MB": settings.memory.budget_mb or "none",
             "widths": list(skeleton.widths), "rounds cap": s.max_rounds,
-            "cells cap": s.max_cells, "top-K": s.top_k, "dataset": config.data.name,
+            "cells cap": s.max_cells, "top-K": s.top_k, "dataset": settings.data.name,
             "epochs": settings.train.epochs, "seed": settings.seed}
 
 
 def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-               train_fn: TrainFn | None = None, on_update: Sequence[UpdateHook] = ()
+               train_fn: Trainer | TrainFn | None = None,
+               on_update: Sequence[UpdateHook] = ()
                ) -> SearchResult:
     """Runs (or resumes) the MemNAS search of `config` in `workdir` and returns its answer.
 
-    train_fn(architecture, skeleton, key) -> `train.TrainResult` replaces candidate training
-    (default: `CandidateTrainer`, `train.train_candidate` with `config.train` on `config.data`).
-    A train_fn with a `compile(architecture, skeleton)` method, like `CandidateTrainer`, gets
-    its candidates compiled ahead (`config.parallel.compile_ahead`), the programs passed back
-    as `train_fn(..., programs=future)`. With `parallel.candidate_groups` > 1 it is called as
-    `train_fn(..., mesh=mesh)`, with the data mesh of the candidate's device group.
+    train_fn replaces candidate training (default: `CandidateTrainer`, `train.train_candidate`
+    with `config.train` on `config.data`): a `Trainer` (search/trainer.py: its abilities to
+    compile ahead and to train packs declared), or a plain function
+    train_fn(architecture, skeleton, key) -> `train.TrainResult`, called with `mesh=` (the
+    data mesh of the candidate's device group) when `parallel.candidate_groups` > 1.
     on_update: hooks `hook(state, round_ended)` called (in process 0) after each save of the
     `SearchState`, after the reports of the work directory are written.
     Raises ConfigMismatchError when `workdir` holds a search made with another config (unless
@@ -248,13 +301,13 @@ def _report_writer(workdir: pathlib.Path, settings: SearchSettings) -> UpdateHoo
 
 
 def _run_search(config: ml_collections.ConfigDict, settings: SearchSettings,
-                workdir: pathlib.Path, writer: bool, train_fn: TrainFn | None,
+                workdir: pathlib.Path, writer: bool, train_fn: Trainer | TrainFn | None,
                 on_update: Sequence[UpdateHook]) -> SearchResult:
     relevant, config_hash = config_fingerprint(config)
     state = load_state(workdir) if workdir.exists() else None
     if state is not None and state.config_hash != config_hash:
         diff = config_diff(state.config, relevant)
-        if not config.resume_with_changed_config:
+        if not settings.run.resume_with_changed_config:
             raise ConfigMismatchError(
                 f"{workdir} holds a search made with a different config ({diff}). Use another "
                 "--workdir, or pass --allow_config_change (config.resume_with_changed_config "
@@ -262,13 +315,13 @@ def _run_search(config: ml_collections.ConfigDict, settings: SearchSettings,
         logging.warning("resuming %s with a changed config: %s", workdir, diff)
         state = dataclasses.replace(state, config=relevant, config_hash=config_hash,
                                     config_changes=(*state.config_changes, diff))
-    dataset = data_lib.load_dataset(config.data)
+    dataset = data_lib.load_dataset(settings.data)
     if not settings.search.evaluate_test:
         dataset = dataclasses.replace(dataset, test=None)
     if settings.search.accuracy_metric != "test_accuracy" and dataset.validation is None:
         raise ConfigError(f"dataset {dataset.name!r} has no validation split to select "
                          "candidates on: set config.data.validation_size > 0")
-    skeleton = train_lib.skeleton_from_config(config, dataset)
+    skeleton = train_lib.skeleton_from_config(settings.skeleton, dataset)
     if state is None:
         state = SearchState(config=relevant, config_hash=config_hash)
         logging.info("new search in %s: %s; %s", workdir, dataset.describe(), skeleton)
@@ -276,14 +329,18 @@ def _run_search(config: ml_collections.ConfigDict, settings: SearchSettings,
         logging.info("resuming the search in %s at round %d (%d candidates trained)", workdir,
                      len(state.rounds) - 1, state.num_trained)
     state = dataclasses.replace(_with_both_memory_figures(state, skeleton),
-                                summary=_summary(config, settings, skeleton))
+                                summary=_summary(settings, skeleton))
     if writer:
         atomic_write(workdir / CONFIG_FILE,
                      json.dumps(to_plain(config), indent=1, sort_keys=True) + "\n")
     if state.finished:
         state = _reopen_if_stopped_for_a_retry(state, settings)
+    trainer = as_trainer(train_fn) if train_fn is not None else CandidateTrainer(
+        settings, dataset, workdir)
     search = _Search(settings, workdir, state, skeleton,
-                     train_fn or CandidateTrainer(settings, dataset, workdir), writer,
+                     RoundTrainer(settings, skeleton, trainer,
+                                  show_progress=writer and settings.output.progress_bar),
+                     ControllerFitter(settings, skeleton, workdir, writer), writer,
                      on_save=(_report_writer(workdir, settings), *on_update),
                      elapsed_before=state.elapsed_seconds)
     if state.finished:

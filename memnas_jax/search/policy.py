@@ -9,9 +9,9 @@ import math
 import numpy as np
 
 from memnas_jax import controller as controller_lib
-from memnas_jax import ranking, reports
+from memnas_jax import ranking
 from memnas_jax.grow_trim import Candidate, generate_candidates, initial_candidates
-from memnas_jax.memory import memory_report
+from memnas_jax.memory import MB, memory_report
 from memnas_jax.reward import RewardConfig, filter_by_budget, memory_efficient_reward
 from memnas_jax.search.seeds import seeded_sample
 from memnas_jax.search.settings import SearchSettings
@@ -52,7 +52,7 @@ def plan_round(round_index: int, base: Base | None, settings: SearchSettings,
         entries = {c.arch_hash: _new_entry(c, skeleton, convention) for c in candidates}
         candidates = filter_by_budget(
             candidates, lambda arch: entries[arch.canonical_hash()].total_bytes,
-            settings.memory.budget_mb * reports.MB)
+            settings.memory.budget_mb * MB)
     s = settings.search
     scores = None
     if round_index < s.full_train_rounds:
@@ -169,3 +169,26 @@ def planned_candidates(state: SearchState, settings: SearchSettings) -> list[int
     for r in range(len(rounds), s.max_rounds):
         counts.append((s.full_train_cap or generated) if r < s.full_train_rounds else s.top_k)
     return counts
+
+
+def _ops_by_block(arch) -> frozenset[tuple[int, int]]:
+    return frozenset((b, op) for b, block in enumerate(arch) for cell in block
+                     for op in (cell.op1, cell.op2) if op is not None)
+
+
+def training_order(archs) -> list[int]:
+    """The order to train `archs` in (indices): first a few that together use every op of every
+    block (greedy cover: each next adds the most (block, op) pairs not met yet, ties to the
+    earlier), then the rest in their order. On a GPU, XLA autotunes each new fusion once and
+    keeps the result (in the compilation cache), so the rest compile on tuned ops; the results
+    do not depend on the order (each candidate's key is its own)."""
+    ops = [_ops_by_block(a) for a in archs]
+    order, met, left = [], set(), list(range(len(archs)))
+    while left:
+        best = max(left, key=lambda i: (len(ops[i] - met), -i))
+        if not ops[best] - met:
+            break
+        order.append(best)
+        met |= ops[best]
+        left.remove(best)
+    return order + left

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from absl import logging
 
-from memnas_jax import reports
+from memnas_jax.memory import MB
 from memnas_jax.search.state import Entry, Round
 
 
@@ -33,8 +33,8 @@ def log_entry(rnd: Round, index: int, entry: Entry) -> None:
               else f", reused from round {entry.reused_from_round}")
     logging.info("%s %s: accuracy %.2f %%, memory %.3f MB (params %.3f + working %.3f)%s, "
                  "%.1f s%s", where, entry.description, 100 * entry.accuracy,
-                 entry.total_bytes / reports.MB, entry.param_bytes / reports.MB,
-                 entry.working_bytes / reports.MB, reward, entry.train_seconds, reused)
+                 entry.total_bytes / MB, entry.param_bytes / MB,
+                 entry.working_bytes / MB, reward, entry.train_seconds, reused)
 
 
 def log_round(rnd: Round) -> None:
@@ -45,6 +45,6 @@ def log_round(rnd: Round) -> None:
     tau = rnd.controller_tau
     logging.info("round %d winner %s %s: accuracy %.2f %%, memory %.3f MB, reward %+.4f%s",
                  rnd.round, w.hash[:10], w.description, 100 * w.accuracy,
-                 w.total_bytes / reports.MB, w.reward,
+                 w.total_bytes / MB, w.reward,
                  "" if tau is None else f"; controller Kendall tau on the trained top-K "
                  f"{tau:+.3f}")

@@ -10,7 +10,10 @@ from typing import Any
 import ml_collections
 
 from memnas_jax import controller as controller_lib
+from memnas_jax import data as data_lib
+from memnas_jax import distributed as distributed_lib
 from memnas_jax import packed as packed_lib
+from memnas_jax import preemption
 from memnas_jax import settings as settings_lib
 from memnas_jax import train as train_lib
 from memnas_jax.encoding import NUM_OPS
@@ -22,6 +25,9 @@ from memnas_jax.search.seeds import derive_seed
 from memnas_jax.settings import check_choice, check_int
 
 ROUND0_SELECTIONS = ("accuracy", "median_reward")
+# The config's sections; its other top-level fields are the seed and `RunSettings`.
+SECTIONS = ("search", "memory", "reward", "grow_trim", "controller", "train", "parallel",
+            "output", "data", "skeleton", "distributed")
 CONTROLLER_TARGETS = ("reward", "accuracy")
 ACCURACY_METRICS = ("best_val_accuracy", "final_val_accuracy", "test_accuracy")
 PACKING_MODES = ("auto", "packed", "standalone")
@@ -146,6 +152,25 @@ class OutputSettings:
     leaderboard_rows: int = 20
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The config's top-level fields other than the seed: how this process runs the search."""
+
+    resume_with_changed_config: bool = False  # resume a workdir made with another config anyway
+    host_device_count: int = 0  # > 0: this many XLA CPU devices (set before JAX starts)
+    cpu_ynn_fusions: bool = False  # keep XLA:CPU's YNNPACK fusions (~6x slower convs here)
+    # GPU: XLA's deterministic ops, so that exact resume holds on a GPU too (docs/reliability.md)
+    gpu_deterministic: bool = False
+    # SIGTERM / Ctrl-C: stop after the current step, save, exit 75; at the latest after this
+    preemption_grace_seconds: float = preemption.DEFAULT_GRACE_SECONDS
+
+    def check(self) -> None:
+        check_int(self.host_device_count, "config.host_device_count", 0)
+        if not self.preemption_grace_seconds > 0:
+            raise ConfigError("config.preemption_grace_seconds must be > 0, got "
+                              f"{self.preemption_grace_seconds!r}")
+
+
 def controller_vocab_sizes(num_blocks: int, max_cells: int) -> tuple[int, ...]:
     """Vocabulary of each `Architecture.to_tokens()` field up to the cell cap (fixed, so that a
     warm start never meets a token it has no embedding for): block, position, input1, input2,
@@ -166,6 +191,10 @@ class SearchSettings:
     train: train_lib.TrainSettings
     parallel: ParallelSettings
     output: OutputSettings
+    data: data_lib.DataSettings = data_lib.DataSettings()
+    skeleton: train_lib.SkeletonSettings = train_lib.SkeletonSettings()
+    distributed: distributed_lib.DistributedSettings = distributed_lib.DistributedSettings()
+    run: RunSettings = RunSettings()
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> SearchSettings:
@@ -192,10 +221,17 @@ class SearchSettings:
             raise ConfigError(f"config.controller: {e}") from None
         seed = get("seed", 0)
         check_int(seed, "config.seed", 0)
+        top_level = {k: v for k, v in config.items() if k not in SECTIONS}
+        run = settings_lib.from_config(RunSettings, top_level, "config", skip=("seed",))
+        run.check()
         settings = cls(seed=seed, reward=reward, controller=controller,
                        train=train_lib.TrainSettings.from_config(get("train") or {},
                                                                  "config.train"),
-                       **sections)
+                       data=data_lib.DataSettings.from_config(get("data")),
+                       skeleton=train_lib.SkeletonSettings.from_config(get("skeleton")),
+                       distributed=distributed_lib.DistributedSettings.from_config(
+                           get("distributed")),
+                       run=run, **sections)
         settings.grow_trim_options(0)
         settings.grow_trim_options(1)
         settings.controller_config(0)

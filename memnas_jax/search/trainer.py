@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import shutil
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import jax
 
@@ -21,14 +21,84 @@ from memnas_jax.template import RoundTemplate
 CANDIDATE_CHECKPOINT_DIR = "candidate_checkpoints"
 
 
+# A plain training function: (architecture, skeleton, key) -> TrainResult (`FunctionTrainer`).
 TrainFn = Callable[[Architecture, Skeleton, jax.Array], train_lib.TrainResult]
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """What the search trains candidates with (`CandidateTrainer`; `FunctionTrainer` makes one
+    of a plain `TrainFn`). The abilities beyond training one candidate are declared, not
+    probed: `compiles_ahead` says whether `compile` works (the search then compiles the next
+    candidates in threads and passes their programs back), `why_not_packed()` whether packs
+    do (None: `compile_pack` and `train_pack` work)."""
+
+    compiles_ahead: bool
+
+    def __call__(self, arch: Architecture, skeleton: Skeleton, key: jax.Array, *,
+                 programs: Any = None, mesh: Any = None) -> train_lib.TrainResult:
+        """Trains one candidate; `programs`: its programs (or a future of them) compiled
+        ahead; `mesh`: its candidate group's data mesh (parallel.candidate_groups > 1)."""
+        ...
+
+    def compile(self, arch: Architecture, skeleton: Skeleton) -> Any:
+        """The candidate's programs, without training it."""
+        ...
+
+    def why_not_packed(self) -> str | None:
+        """Why this trainer cannot train packs (None: it can)."""
+        ...
+
+    def compile_pack(self, template: RoundTemplate, pack_size: int, selection: str) -> Any:
+        """The programs of a pack of `pack_size` candidates of `template` (`pack_size` and
+        `compile_seconds` attributes; a smaller pack size when the device memory is short)."""
+        ...
+
+    def train_pack(self, archs: Sequence[Architecture], skeleton: Skeleton,
+                   keys: Sequence[jax.Array], programs: Any) -> list[train_lib.TrainResult]:
+        """Trains a pack with programs from `compile_pack`: one result per candidate."""
+        ...
+
+
+class FunctionTrainer:
+    """A plain `TrainFn` as a `Trainer`: no compiling ahead, no packs. With candidate groups
+    the function is called with `mesh=`."""
+
+    compiles_ahead = False
+
+    def __init__(self, fn: TrainFn):
+        self.fn = fn
+
+    def __call__(self, arch: Architecture, skeleton: Skeleton, key: jax.Array, *,
+                 programs: Any = None, mesh: Any = None) -> train_lib.TrainResult:
+        del programs  # never compiled ahead
+        if mesh is None:
+            return self.fn(arch, skeleton, key)
+        return self.fn(arch, skeleton, key, mesh=mesh)
+
+    def compile(self, arch: Architecture, skeleton: Skeleton) -> Any:
+        raise TypeError("a FunctionTrainer does not compile ahead")
+
+    def why_not_packed(self) -> str | None:
+        return "the search's train_fn trains one candidate at a time"
+
+    def compile_pack(self, template: RoundTemplate, pack_size: int, selection: str) -> Any:
+        raise TypeError(self.why_not_packed())
+
+    def train_pack(self, archs, skeleton, keys, programs) -> list[train_lib.TrainResult]:
+        raise TypeError(self.why_not_packed())
+
+
+def as_trainer(train_fn: Trainer | TrainFn) -> Trainer:
+    """A `Trainer` as it is; a plain function as a `FunctionTrainer`."""
+    return train_fn if isinstance(train_fn, Trainer) else FunctionTrainer(train_fn)
 
 
 AUTO_MAX_PACK = 16  # packing "auto" on an accelerator: the largest pack before memory sizing
 
 
 class CandidateTrainer:
-    """The search's trainer: `train.train_candidate` with `config.train` on the dataset.
+    """The search's `Trainer`: `train.train_candidate` with `config.train` on the dataset.
     `compile` makes a candidate's programs without training it, so that the search can compile
     the next candidates while one trains (`memnas_jax.compile_ahead`)."""
 
@@ -41,6 +111,8 @@ class CandidateTrainer:
         self.candidate_checkpoints = settings.search.candidate_checkpoints
         # Once, here on the main thread, before any compile-ahead thread starts.
         train_lib.configure_compilation_cache(self.settings.compilation_cache_dir)
+
+    compiles_ahead = True
 
     def compile(self, arch: Architecture, skeleton: Skeleton) -> train_lib.CandidatePrograms:
         return train_lib.compile_candidate(arch, self.settings, self.dataset,
@@ -64,7 +136,7 @@ class CandidateTrainer:
         return packed_lib.train_packed(archs, self.settings, self.dataset, keys,
                                        programs=programs)
 
-    def __call__(self, arch: Architecture, skeleton: Skeleton, key: jax.Array,
+    def __call__(self, arch: Architecture, skeleton: Skeleton, key: jax.Array, *,
                  programs=None, mesh=None) -> train_lib.TrainResult:
         settings, checkpoint_dir = self.settings, None
         if self.candidate_checkpoints:

@@ -37,6 +37,7 @@ from memnas_jax.train.config import (
     SCHEDULES,
     XLA_CACHE_DIR,
     AugmentSettings,
+    SkeletonSettings,
     TrainSettings,
     check_config,
     compilation_cache_path,
@@ -55,16 +56,24 @@ from memnas_jax.train.programs import (
     compile_model,
     data_layout,
 )
-from memnas_jax.train.result import STATUSES, TrainResult, failed_result, is_out_of_memory
+from memnas_jax.train.result import (
+    STATUSES,
+    TrainResult,
+    failed_result,
+    from_history,
+    is_out_of_memory,
+)
 from memnas_jax.train.steps import TrainState, cross_entropy
 
 __all__ = [
     "AUTO_CACHE", "DEPTHWISE_IMPLS", "DTYPES", "OPTIMIZERS", "PREEMPTED_DIR", "SCHEDULES",
-    "STATUSES", "XLA_CACHE_DIR", "AugmentSettings", "CandidatePrograms", "TrainResult",
+    "STATUSES", "XLA_CACHE_DIR", "AugmentSettings", "CandidatePrograms", "SkeletonSettings",
+    "TrainResult",
     "TrainSettings", "TrainState",
     "candidate_network", "check_config", "compilation_cache_path", "compile_candidate",
     "compile_model", "compiler_options", "configure_compilation_cache", "cross_entropy",
-    "data_layout", "default_config", "failed_result", "is_out_of_memory", "make_optimizer",
+    "data_layout", "default_config", "failed_result", "from_history", "is_out_of_memory",
+    "make_optimizer",
     "make_schedule", "resolve_depthwise_impl", "skeleton_from_config", "train_candidate",
     "train_model",
 ]

@@ -18,7 +18,13 @@ from memnas_jax import data as data_lib
 from memnas_jax import ops
 from memnas_jax import settings as settings_lib
 from memnas_jax.errors import ConfigError
-from memnas_jax.space import Skeleton, cifar_skeleton, imagenet_skeleton
+from memnas_jax.space import (
+    REMOVED_OP_STYLES,
+    Skeleton,
+    block_widths,
+    cifar_skeleton,
+    imagenet_skeleton,
+)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
@@ -109,21 +115,59 @@ def check_config(config: Mapping[str, Any] | TrainSettings, where: str = "config
     TrainSettings.from_config(config, where)
 
 
+SKELETON_KINDS = ("cifar", "imagenet")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkeletonSettings:
+    """config.skeleton: the fixed network around the searched cells (`skeleton_from_config`
+    sizes it to the dataset's images and classes)."""
+
+    kind: str = "cifar"  # "cifar" (cifar_skeleton) or "imagenet" (imagenet_skeleton)
+    width: int = 64
+    width_schedule: str = "uniform"  # "uniform", "doubling" or multipliers "1,1,2,2,4"
+    removed_op: str = "identity"
+    conv_bias: bool = True
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    @classmethod
+    def from_config(cls, config: Any, where: str = "config.skeleton") -> SkeletonSettings:
+        if isinstance(config, SkeletonSettings):
+            return config
+        settings = settings_lib.from_config(cls, config, where)
+        settings.check(where)
+        return settings
+
+    @property
+    def schedule(self) -> str | tuple[int, ...]:
+        if self.width_schedule in ("uniform", "doubling"):
+            return self.width_schedule
+        return tuple(int(m) for m in self.width_schedule.split(","))
+
+    def check(self, where: str = "config.skeleton") -> None:
+        settings_lib.check_choice(self.kind, SKELETON_KINDS, f"{where}.kind")
+        settings_lib.check_int(self.width, f"{where}.width", 1)
+        settings_lib.check_choice(self.removed_op, REMOVED_OP_STYLES, f"{where}.removed_op")
+        try:
+            block_widths(self.width, self.schedule)
+        except ValueError as e:
+            raise ConfigError(f"{where}.width_schedule must be 'uniform', 'doubling' or one "
+                              f"positive integer per block like '1,1,2,2,4', got "
+                              f"{self.width_schedule!r} ({e})") from None
+        if not 0 <= self.bn_momentum < 1:
+            raise ConfigError(f"{where}.bn_momentum must be in [0, 1), got {self.bn_momentum}")
+        if not self.bn_epsilon > 0:
+            raise ConfigError(f"{where}.bn_epsilon must be > 0, got {self.bn_epsilon}")
+
+
 def default_config() -> ml_collections.ConfigDict:
-    """`TrainSettings()` as a ConfigDict, with the data (`data.default_data_config`) and the
-    skeleton (`skeleton_from_config`): width 64; selection on a 5,000-image validation split
-    held out of the training set (the authors chose on the test set)."""
+    """`TrainSettings()` as a ConfigDict, with the data (`data.DataSettings`) and the skeleton
+    (`SkeletonSettings`): width 64; selection on a 5,000-image validation split held out of the
+    training set (the authors chose on the test set)."""
     c = settings_lib.to_config(TrainSettings())
     c.data = data_lib.default_data_config()
-    c.skeleton = ml_collections.ConfigDict(dict(
-        kind="cifar",  # "cifar" (cifar_skeleton) or "imagenet" (imagenet_skeleton)
-        width=64,
-        width_schedule="uniform",  # "uniform", "doubling" or multipliers "1,1,2,2,4"
-        removed_op="identity",
-        conv_bias=True,
-        bn_momentum=0.9,
-        bn_epsilon=1e-5,
-    ))
+    c.skeleton = settings_lib.to_config(SkeletonSettings())
     return c
 
 
@@ -148,23 +192,23 @@ def compiler_options(text: str, field: str = "compiler_options") -> dict[str, An
     return options
 
 
-def skeleton_from_config(config: ml_collections.ConfigDict, dataset: data_lib.Dataset
-                         ) -> Skeleton:
-    """The skeleton of `config.skeleton`, sized to the dataset's images and classes."""
-    s = config.skeleton
-    schedule = s.width_schedule
-    if schedule not in ("uniform", "doubling"):
-        schedule = tuple(int(m) for m in str(schedule).split(","))
+def skeleton_from_config(config: ml_collections.ConfigDict | SkeletonSettings,
+                         dataset: data_lib.Dataset) -> Skeleton:
+    """The skeleton of `config.skeleton` (or of `SkeletonSettings`), sized to the dataset's
+    images and classes."""
+    if not isinstance(config, SkeletonSettings):
+        config = SkeletonSettings.from_config(config.get("skeleton"))
     size, _, channels = dataset.image_shape
-    common = dict(removed_op=s.removed_op, conv_bias=s.conv_bias, bn_momentum=s.bn_momentum,
-                  bn_epsilon=s.bn_epsilon)
-    if s.kind == "cifar":
-        return cifar_skeleton(s.width, schedule, num_classes=dataset.num_classes,
-                              **common).replace(image_size=size, in_channels=channels)
-    if s.kind == "imagenet":
-        return imagenet_skeleton(s.width, size, dataset.num_classes, schedule,
+    common = dict(removed_op=config.removed_op, conv_bias=config.conv_bias,
+                  bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)
+    try:
+        if config.kind == "cifar":
+            return cifar_skeleton(config.width, config.schedule, num_classes=dataset.num_classes,
+                                  **common).replace(image_size=size, in_channels=channels)
+        return imagenet_skeleton(config.width, size, dataset.num_classes, config.schedule,
                                  **common).replace(in_channels=channels)
-    raise ValueError(f"config.skeleton.kind {s.kind!r} is not 'cifar' or 'imagenet'")
+    except ValueError as e:  # e.g. images too small for the skeleton's strides and head
+        raise ConfigError(f"config.skeleton does not fit {dataset.describe()}: {e}") from None
 
 
 def resolve_depthwise_impl(name: str) -> str:

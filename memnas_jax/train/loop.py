@@ -34,7 +34,7 @@ from memnas_jax.train.programs import (
     host_device,
     training_setup,
 )
-from memnas_jax.train.result import TrainResult, failed_result
+from memnas_jax.train.result import TrainResult, failed_result, from_history
 from memnas_jax.train.steps import permutation
 
 
@@ -202,15 +202,8 @@ def _train(model, config, data, rng, programs, mesh, start) -> TrainResult:
         message = "; ".join(notes)
     elif notes:
         message = f"{message}; {'; '.join(notes)}"
-    val_curve = tuple(h["val_accuracy"] for h in history)
-    evaluated = [(acc, h["epoch"]) for acc, h in zip(val_curve, history) if acc is not None]
-    best = max(evaluated, key=lambda t: t[0], default=(None, None))
-    return TrainResult(
-        status=status, message=message, best_val_accuracy=best[0], best_val_epoch=best[1],
-        final_val_accuracy=evaluated[-1][0] if evaluated and status == "ok" else None,
-        test_accuracy=test_accuracy, loss_curve=tuple(h["train_loss"] for h in history),
-        val_accuracy_curve=val_curve, epochs_done=len([h for h in history
-                                                       if math.isfinite(h["train_loss"])]),
+    return from_history(
+        history, status=status, message=message, test_accuracy=test_accuracy,
         resumed_from_epoch=resumed_from, param_count=param_count,
         wall_seconds=time.perf_counter() - start, compile_seconds=programs.compile_seconds,
         compile_wait_seconds=compile_wait,

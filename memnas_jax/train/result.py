@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from memnas_jax.errors import first_line
 
@@ -48,6 +49,23 @@ class TrainResult:
         d["loss_curve"], d["val_accuracy_curve"] = list(self.loss_curve), list(
             self.val_accuracy_curve)
         return d
+
+
+def from_history(history: Sequence[Mapping[str, Any]], *, status: str, message: str,
+                 test_accuracy: float | None, **fields: Any) -> TrainResult:
+    """The result of a training whose epochs left `history` (dicts with epoch, train_loss and
+    val_accuracy, None when not evaluated): the best and final validation accuracy, the
+    curves and the epochs done are read off it the same way for standalone and packed
+    training; `fields` are the rest (timings, counts, variables)."""
+    val_curve = tuple(h["val_accuracy"] for h in history)
+    evaluated = [(acc, h["epoch"]) for acc, h in zip(val_curve, history) if acc is not None]
+    best = max(evaluated, key=lambda t: t[0], default=(None, None))
+    return TrainResult(
+        status=status, message=message, best_val_accuracy=best[0], best_val_epoch=best[1],
+        final_val_accuracy=evaluated[-1][0] if evaluated and status == "ok" else None,
+        test_accuracy=test_accuracy if status == "ok" else None,
+        loss_curve=tuple(h["train_loss"] for h in history), val_accuracy_curve=val_curve,
+        epochs_done=sum(1 for h in history if math.isfinite(h["train_loss"])), **fields)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""What a search leaves in its work directory, rebuilt from the search state (`memnas_jax.search`).
+"""What a search leaves in its work directory, a view of its state (`memnas_jax.search.state`).
 
 Every output is a pure function of the search state (`memnas_jax.search.state.SearchState`),
 rewritten whole and atomically (temp file + `os.replace`), so a resumed search never duplicates a
@@ -20,7 +20,6 @@ in the tables and plots. Accuracies are fractions in the records and percent in 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -30,8 +29,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from absl import logging
 
 from memnas_jax.io import atomic_write
+from memnas_jax.memory import MB
+from memnas_jax.plots import pyplot, save_figure
 
-if TYPE_CHECKING:  # reports read the state; the search imports reports
+if TYPE_CHECKING:
     from memnas_jax.search.state import SearchState
 
 CANDIDATES_FILE = "candidates.jsonl"
@@ -43,7 +44,6 @@ TRAJECTORY_FILE = "trajectory.png"
 TENSORBOARD_DIR = "tensorboard"
 # Fields of a candidate record that measure time: they differ between two runs of the same search.
 TIMING_FIELDS = ("train_seconds", "compile_seconds", "images_per_second")
-MB = 1e6
 
 # The fields of a trained entry copied into its candidates.jsonl record, in order.
 _ENTRY_FIELDS = ("hash", "kind", "description", "cells_per_block", "param_count", "param_bytes",
@@ -233,23 +233,6 @@ def _unique_by_hash(records: Sequence[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # Plots
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path: str | os.PathLike) -> None:
-    """Renders `fig` as a PNG and writes it with `io.atomic_write`, then closes it."""
-    buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, dpi=120, format="png")
-    finally:
-        pyplot().close(fig)
-    atomic_write(path, buffer.getvalue())
 
 
 def plot_pareto(state: SearchState, path: str | os.PathLike, title: str = "") -> None:
