@@ -351,7 +351,8 @@ def test_packed_search_killed_resumes_the_same_packs(whole_packed_search, tmp_pa
     env = dict(os.environ)
     workdir = tmp_path / "killed"
     for after, delay in ((2, 0.0), (2, 8.0), (4, 0.0)):
-        _kill_after(_packed_argv(workdir, cache), workdir, after, delay, env)
+        assert _kill_after(_packed_argv(workdir, cache), workdir, after, delay,
+                           env) == -signal.SIGKILL  # the kill happened, not an exit
         assert _trained(workdir) % 2 == 0  # a pack's results are saved together
     subprocess.run(_packed_argv(workdir, cache), env=env, check=True, capture_output=True,
                    timeout=900)

@@ -112,8 +112,9 @@ def test_round2_from_net179_is_the_authors_466_in_order(golden, golden_base, gol
     assert [c.kind for c in candidates] == [kind_of[g] for _, _, g in golden["round2"]]
 
 
-def test_candidate_records_match_the_edit(golden_base):
-    base = golden_base("net179", "link")
+def test_candidate_records_match_the_edit():
+    base = enc.uniform_architecture(NET179)  # the authors' net179 (checked against
+    # their golden data in test_round2_from_net179_is_the_authors_466_in_order)
     for c in generate_candidates(base):
         assert c.arch_hash == c.architecture.canonical_hash()
         if c.kind == "grow":
@@ -137,8 +138,9 @@ def test_candidate_records_match_the_edit(golden_base):
     assert generate_candidates(base)[-1].describe() == "unlink c1 from the output of block 5"
 
 
-def test_mirrored_add_cells_merge(golden_base):
-    base = golden_base("net179", "link")
+def test_mirrored_add_cells_merge():
+    base = enc.uniform_architecture(NET179)  # the authors' net179 (checked against
+    # their golden data in test_round2_from_net179_is_the_authors_466_in_order)
     merged = generate_candidates(base, GrowTrimOptions(merge_mirrored_cells=True))
     kinds = collections.Counter(c.kind for c in merged)
     # 3 inputs x 7 ops give 21 symmetric cells; the other 420 pair up into 210 mirror pairs.
@@ -159,8 +161,9 @@ def test_mirrored_add_cells_merge(golden_base):
     assert len(generate_candidates(base, concat)) == 441
 
 
-def test_per_block_growth(golden_base):
-    base = golden_base("net179", "link")
+def test_per_block_growth():
+    base = enc.uniform_architecture(NET179)  # the authors' net179 (checked against
+    # their golden data in test_round2_from_net179_is_the_authors_466_in_order)
     candidates = generate_candidates(base, GrowTrimOptions(growth="per_block"))
     grows = [c for c in candidates if c.kind == "grow"]
     assert len(grows) == 5 * 441 and len(candidates) == 5 * 441 + 25
@@ -177,8 +180,9 @@ def test_per_block_growth(golden_base):
         generate_candidates(uneven)
 
 
-def test_cell_cap_stops_growth(golden_base):
-    base = golden_base("net179", "link")
+def test_cell_cap_stops_growth():
+    base = enc.uniform_architecture(NET179)  # the authors' net179 (checked against
+    # their golden data in test_round2_from_net179_is_the_authors_466_in_order)
     candidates = generate_candidates(base, GrowTrimOptions(max_cells=2))
     assert collections.Counter(c.kind for c in candidates) == {"trim_op": 20, "trim_edge": 5}
     assert len(generate_candidates(base, GrowTrimOptions(max_cells=3))) == 466

@@ -376,6 +376,7 @@ def check_against_xla(num_archs: int, seed: int, max_cells: int) -> None:
           f"{ratio.min():.2f} median {np.median(ratio):.2f} max {ratio.max():.2f}; xla/strict "
           f"median {np.median(xla / strict):.2f}")
     assert rho >= 0.9, (rho, list(zip(ours, xla)))
+    return rho, rho_strict, float(np.median(xla / strict))
 
 
 def test_working_memory_orders_like_xla():
@@ -384,4 +385,8 @@ def test_working_memory_orders_like_xla():
 
 @pytest.mark.slow
 def test_working_memory_orders_like_xla_30():
-    check_against_xla(num_archs=30, seed=1, max_cells=5)
+    """What docs/api.md states: over 30 random architectures, Spearman 0.97 between our working
+    bytes and XLA:CPU's temp bytes (both conventions); the strict one a median ratio of 1.0."""
+    rho, rho_strict, strict_median = check_against_xla(num_archs=30, seed=1, max_cells=5)
+    assert round(rho, 2) >= 0.97 and round(rho_strict, 2) >= 0.97, (rho, rho_strict)
+    assert round(strict_median, 1) == 1.0, strict_median

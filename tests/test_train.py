@@ -5,6 +5,7 @@ the MemNASNetwork itself is trained on synthetic data once and, marked slow, on 
 """
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import pathlib
@@ -132,6 +133,25 @@ def test_programs_compiled_ahead_train_exactly_like_inline_ones(synthetic):
     failed.set_exception(RuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling"))
     result = train.train_model(TinyCNN(), config, synthetic, jax.random.PRNGKey(3), programs=failed)
     assert result.status == "failed" and "RESOURCE_EXHAUSTED" in result.message
+
+
+def test_a_training_step_makes_no_host_transfers(synthetic):
+    """Every training step of a candidate runs under jax.transfer_guard("disallow"): its
+    arguments are on the device and it reads nothing back (the loop reads the metrics once per
+    epoch)."""
+    config = _config(epochs=2, batch_size=32)
+    programs = train.compile_candidate(NET53, config, synthetic)
+    steps, train_step = [], programs.train_step
+
+    def guarded(*args):
+        with jax.transfer_guard("disallow"):
+            steps.append(train_step(*args))
+        return steps[-1]
+
+    result = train.train_candidate(NET53, config, synthetic, jax.random.PRNGKey(0),
+                                   programs=dataclasses.replace(programs, train_step=guarded))
+    assert result.status == "ok", result.message
+    assert len(steps) == 2 * (len(synthetic.train) // 32)
 
 
 def test_eval_compiler_options_are_parsed_and_passed_to_xla(synthetic):
