@@ -14,7 +14,6 @@ Python, in `memnas_jax.plan` (re-exported here).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Iterable
 
@@ -137,8 +136,8 @@ def abstract_variables(arch: Iterable[Iterable[Cell]], skeleton: Skeleton, *,
     """Like `init_network` but only shapes (`jax.ShapeDtypeStruct` leaves): no compute."""
     module = MemNASNetwork(check_architecture(arch, skeleton), skeleton, **module_kwargs)
     x = jax.ShapeDtypeStruct(input_shape(skeleton, batch_size), module.dtype)
-    return module, jax.eval_shape(functools.partial(module.init, train=False),
-                                  jax.random.key(0), x)
+    # The key is made inside the traced function: shapes only, nothing put on a device.
+    return module, jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
 
 
 __all__ = [

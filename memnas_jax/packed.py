@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 
 from memnas_jax import data as data_lib
-from memnas_jax import dispatch, preemption, sharding
+from memnas_jax import dispatch, preemption, sharding, transfers
 from memnas_jax import train as train_lib
 from memnas_jax.encoding import Architecture, Cell
 from memnas_jax.network import check_architecture, param_count
@@ -314,25 +314,28 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
     compile_wait = time.perf_counter() - wait_start
     module, mesh, k, n = programs.module, programs.mesh, programs.pack_size, len(archs)
     padded = archs + [archs[0]] * (k - n)
-    keys = np.stack([_raw_key(r) for r in rngs] + [_raw_key(rngs[0])] * (k - n))
     host = host_device()
     codes_host = _codes(template, archs, k)
-    if initial_variables is None:
-        shapes = jax.device_put(_real_shape_arrays(module, padded), host)
-        state = programs.init(jax.device_put(keys, host), shapes,
-                              jax.device_put(codes_host, host))
-    else:
-        variables = [embed_variables(module, a, v) for a, v in zip(archs, initial_variables)]
-        variables = _stack(variables + [variables[0]] * (k - n))
-        tx = train_lib.make_optimizer(config, programs.steps_per_epoch)
-        data_keys = np.stack([np.asarray(jax.random.split(key)[1]) for key in keys])
-        with jax.default_device(host):
-            state = jax.vmap(lambda v, key: train_lib.TrainState.fresh(tx, v, key))(variables,
-                                                                                  data_keys)
-    state = sharding.replicate(jax.device_get(state), mesh)
-    codes = sharding.replicate(codes_host, mesh)
+    with transfers.intended("initial state"):
+        keys = np.stack([_raw_key(r) for r in rngs] + [_raw_key(rngs[0])] * (k - n))
+        if initial_variables is None:
+            shapes = jax.device_put(_real_shape_arrays(module, padded), host)
+            state = programs.init(jax.device_put(keys, host), shapes,
+                                  jax.device_put(codes_host, host))
+        else:
+            variables = [embed_variables(module, a, v)
+                         for a, v in zip(archs, initial_variables)]
+            variables = _stack(variables + [variables[0]] * (k - n))
+            tx = train_lib.make_optimizer(config, programs.steps_per_epoch)
+            data_keys = np.stack([np.asarray(jax.random.split(key)[1]) for key in keys])
+            with jax.default_device(host):
+                state = jax.vmap(lambda v, key: train_lib.TrainState.fresh(tx, v, key))(
+                    variables, data_keys)
+        state = sharding.replicate(jax.device_get(state), mesh)
+        codes = sharding.replicate(codes_host, mesh)
     active_host = np.arange(k) < n
-    train_arrays = sharding.replicate((data.train.images, data.train.labels), mesh)
+    with transfers.intended("training data"):
+        train_arrays = sharding.replicate((data.train.images, data.train.labels), mesh)
     evaluator = Evaluator(programs.eval_step, data, config, mesh, pack_size=k, codes=codes)
 
     histories: list[list[dict]] = [[] for _ in range(n)]
@@ -344,13 +347,16 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
         epoch_start = time.perf_counter()
         was_active = active_host.copy()
         epochs = np.full((k,), epoch, np.int32)
-        perms = np.stack([np.asarray(permutation(
-            jax.device_put(keys_data, host), epochs_, len(data.train)))
-            for keys_data, epochs_ in zip(jax.device_get(state.rng), epochs)])
-        permutations = sharding.replicate(perms, mesh)
-        active = sharding.replicate(active_host, mesh)
-        metrics = sharding.replicate(dict(loss_sum=np.zeros(k, np.float32),
-                                          steps=np.int32(0)), mesh)
+        with transfers.intended("epoch order"):
+            perms = np.stack([np.asarray(permutation(
+                jax.device_put(keys_data, host), epochs_, len(data.train)))
+                for keys_data, epochs_ in zip(jax.device_get(state.rng), epochs)])
+            permutations = sharding.replicate(perms, mesh)
+        with transfers.intended("pack activity"):
+            active = sharding.replicate(active_host, mesh)
+        with transfers.intended("epoch metrics"):
+            metrics = sharding.replicate(dict(loss_sum=np.zeros(k, np.float32),
+                                              steps=np.int32(0)), mesh)
         in_flight = dispatch.InFlight()
         for i in range(programs.steps_per_epoch):
             state, metrics = in_flight.add(programs.train_step(
@@ -358,16 +364,21 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
             if preemption.requested():  # the pack is trained again on resume
                 raise preemption.Preempted()
             if config.nan_check_every_steps and (i + 1) % config.nan_check_every_steps == 0:
-                sums = np.asarray(jax.device_get(metrics["loss_sum"]))
+                with transfers.intended("nan check"):
+                    sums = np.asarray(jax.device_get(metrics["loss_sum"]))
                 if not np.isfinite(sums[active_host]).all():
                     active_host &= np.isfinite(sums)
-                    active = sharding.replicate(active_host, mesh)
+                    with transfers.intended("pack activity"):
+                        active = sharding.replicate(active_host, mesh)
                     if not active_host[:n].any():
                         break
-        loss_sums, done = jax.device_get((metrics["loss_sum"], metrics["steps"]))
+        with transfers.intended("epoch metrics"):
+            loss_sums, done = jax.device_get((metrics["loss_sum"], metrics["steps"]))
         epoch_seconds.append(time.perf_counter() - epoch_start)
         train_seconds += epoch_seconds[-1]
-        state = state.replace(epoch=sharding.replicate(np.full((k,), epoch + 1, np.int32), mesh))
+        with transfers.intended("epoch counter"):
+            state = state.replace(epoch=sharding.replicate(np.full((k,), epoch + 1, np.int32),
+                                                           mesh))
         evaluate_now = (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs
         for c in range(n):
             if not was_active[c] or c in diverged:
@@ -378,8 +389,9 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
                 active_host[c] = False
                 histories[c].append(dict(epoch=epoch + 1, train_loss=mean_loss,
                                          val_accuracy=None))
-        accuracies = (evaluator.pack_accuracies(state, data.validation)
-                      if evaluate_now and data.validation is not None else None)
+        with transfers.intended("evaluation"):
+            accuracies = (evaluator.pack_accuracies(state, data.validation)
+                          if evaluate_now and data.validation is not None else None)
         for c in range(n):
             if was_active[c] and c not in diverged:
                 histories[c].append(dict(
@@ -390,8 +402,11 @@ def _train(archs, config, data, rngs, skeleton, template, programs, selection,
                      time.perf_counter() - epoch_start)
 
     ok = [c for c in range(n) if c not in diverged]
-    tests = (evaluator.pack_accuracies(state, data.test) if ok and data.test is not None else None)
-    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    with transfers.intended("evaluation"):
+        tests = (evaluator.pack_accuracies(state, data.test) if ok and data.test is not None
+                 else None)
+    with transfers.intended("final variables"):
+        variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     wall = time.perf_counter() - start
     results = []
     for c, arch in enumerate(archs):

@@ -12,7 +12,7 @@ import pytest
 from helpers import cpu_only  # tests/ is on sys.path (rootdir conftest)
 
 from memnas_jax import data as data_lib
-from memnas_jax import network, packed, train
+from memnas_jax import network, packed, train, transfers
 from memnas_jax.encoding import Architecture, Cell
 from memnas_jax.space import cifar_skeleton
 from memnas_jax.template import RoundTemplate
@@ -279,6 +279,16 @@ def test_packed_default_initialisation_trains(synthetic, programs):
     assert [r.loss_curve for r in again] == [r.loss_curve for r in results[:2]]
     again = packed.train_packed(THREE, config, synthetic, keys, programs=compiled)
     assert [r.loss_curve for r in again] == [r.loss_curve for r in results]
+    # The packed loop under jax.transfer_guard("disallow_explicit"): its steps move nothing
+    # between host and device; its other transfers are the ones it names.
+    transfers.SEEN.clear()
+    with jax.transfer_guard("disallow_explicit"):
+        guarded = packed.train_packed(THREE, _config(nan_check_every_steps=2), synthetic, keys,
+                                      programs=compiled)
+    assert [r.loss_curve for r in guarded] == [r.loss_curve for r in results]
+    assert set(transfers.SEEN) == {"initial state", "training data", "epoch order",
+                                   "pack activity", "epoch metrics", "nan check",
+                                   "epoch counter", "evaluation", "final variables"}
 
 
 def test_streamed_data_is_refused_with_a_clear_failure(synthetic):

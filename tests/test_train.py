@@ -5,7 +5,6 @@ the MemNASNetwork itself is trained on synthetic data once and, marked slow, on 
 """
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import pathlib
@@ -19,7 +18,7 @@ import pytest
 from helpers import TinyCNN, cpu_only  # tests/ is on sys.path (rootdir conftest)
 
 from memnas_jax import data as data_lib
-from memnas_jax import preemption, train
+from memnas_jax import preemption, train, transfers
 from memnas_jax.encoding import uniform_architecture
 from memnas_jax.errors import ConfigError
 
@@ -135,23 +134,26 @@ def test_programs_compiled_ahead_train_exactly_like_inline_ones(synthetic):
     assert result.status == "failed" and "RESOURCE_EXHAUSTED" in result.message
 
 
-def test_a_training_step_makes_no_host_transfers(synthetic):
-    """Every training step of a candidate runs under jax.transfer_guard("disallow"): its
-    arguments are on the device and it reads nothing back (the loop reads the metrics once per
-    epoch)."""
-    config = _config(epochs=2, batch_size=32)
+def test_the_training_loop_makes_only_its_named_transfers(synthetic, tmp_path):
+    """The whole standalone loop (checkpoints, NaN checks, evaluation included) under
+    jax.transfer_guard("disallow_explicit"): the training steps move nothing between host and
+    device, and every other transfer is one the loop names (memnas_jax.transfers). (On a CPU,
+    reads back to the host are free and not guarded; every host-to-device copy is.)"""
+    config = _config(epochs=2, batch_size=32, nan_check_every_steps=3,
+                     checkpoint_dir=str(tmp_path / "checkpoints"))
     programs = train.compile_candidate(NET53, config, synthetic)
-    steps, train_step = [], programs.train_step
-
-    def guarded(*args):
-        with jax.transfer_guard("disallow"):
-            steps.append(train_step(*args))
-        return steps[-1]
-
-    result = train.train_candidate(NET53, config, synthetic, jax.random.PRNGKey(0),
-                                   programs=dataclasses.replace(programs, train_step=guarded))
+    key = jax.random.PRNGKey(0)
+    transfers.SEEN.clear()
+    with jax.transfer_guard("disallow_explicit"):
+        result = train.train_candidate(NET53, config, synthetic, key, programs=programs)
     assert result.status == "ok", result.message
-    assert len(steps) == 2 * (len(synthetic.train) // 32)
+    assert set(transfers.SEEN) == {
+        "initial state", "checkpoint restore", "training data", "epoch order", "epoch metrics",
+        "nan check", "epoch counter", "evaluation", "checkpoint save", "final variables"}
+    assert transfers.SEEN["epoch order"] == transfers.SEEN["epoch counter"] == 2
+    with pytest.raises(ValueError, match="unknown transfer"):
+        with transfers.intended("a stray copy"):
+            pass
 
 
 def test_eval_compiler_options_are_parsed_and_passed_to_xla(synthetic):
