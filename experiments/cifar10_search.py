@@ -18,4 +18,4 @@ import search_main  # experiments/search_main.py, beside this script
 from configs import cifar10  # experiments/configs/cifar10.py
 
 if __name__ == "__main__":
-    search_main.run("cifar10.py", cifar10.PRESETS, cifar10.auto_preset)
+    search_main.run(cifar10)

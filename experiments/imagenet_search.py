@@ -18,5 +18,7 @@ One process of a multi-process job: add --coordinator_address=host:port --num_pr
 
 import search_main  # experiments/search_main.py, beside this script
 
+from configs import imagenet  # experiments/configs/imagenet.py
+
 if __name__ == "__main__":
-    search_main.run("imagenet.py", ("paper", "resized32", "test"))
+    search_main.run(imagenet)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 import re
 import sys
+from types import ModuleType
 from typing import Sequence
 
 from absl import app, flags, logging
@@ -16,10 +17,13 @@ from memnas_jax import errors, search
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
-def run(config_file: str, presets: Sequence[str], auto_preset=None) -> None:
-    """Defines the flags and runs the search; `config_file` (in experiments/configs) is the
-    default config, with its first preset. auto_preset() -> (preset, why): what the "auto"
-    preset chose, logged."""
+def run(config_module: ModuleType) -> None:
+    """Defines the flags and runs the search; `config_module` (a file of experiments/configs) is
+    the default config, with its first preset name. Its PRESET_NAMES lists the presets; its
+    auto_preset() -> (preset, why), when it has one, tells what the "auto" preset chose (logged)."""
+    config_file = pathlib.Path(config_module.__file__).name
+    presets = config_module.PRESET_NAMES
+    auto_preset = getattr(config_module, "auto_preset", None)
     try:  # config_flags applies the --config.* overrides of sys.argv here already
         config = config_flags.DEFINE_config_file(
             "config", f"{CONFIG_DIR / config_file}:{presets[0]}",

@@ -22,12 +22,9 @@ import ml_collections
 from configs import common  # experiments/configs/common.py
 from memnas_jax import search
 
-PRESETS = ("paper", "resized32", "test")
 
-
-def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown ImageNet preset {preset!r}; use one of {PRESETS}")
+def _imagenet() -> ml_collections.ConfigDict:
+    """What every ImageNet preset shares."""
     config = search.default_config()
     config.skeleton.kind = "imagenet"
     config.skeleton.width_schedule = "1,2,4,8,8"
@@ -39,20 +36,46 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
                              checkpoint_every_epochs=1))
     config.search.candidate_checkpoints = True
     config.search.stop_when_no_improvement = False  # as in cifar10.py: grows rarely score > 0
-    if preset == "paper":
-        config.data.name = "imagenet2012"
-        config.skeleton.width = 32
-        config.train.epochs = 5
-    elif preset == "resized32":
-        config.data.name = "imagenet_resized/32x32"
-        config.skeleton.width = 16
-        config.train.epochs = 5
-        config.search.update(dict(max_rounds=8, full_train_cap=64, top_k=24))
-        common.small_controller(config, max_steps=2000)
-    elif preset == "test":
-        config.search.candidate_checkpoints = False
-        common.test_preset(config, image_size=32, num_classes=4)
-        config.train.dtype = "float32"
-        config.train.schedule = "step"
-        config.train.warmup_epochs = 0
     return config
+
+
+def paper() -> ml_collections.ConfigDict:
+    """Real ImageNet (a prepared TFDS imagenet2012), w = 32, 5-epoch candidates."""
+    config = _imagenet()
+    config.data.name = "imagenet2012"
+    config.skeleton.width = 32
+    config.train.epochs = 5
+    return config
+
+
+def resized32() -> ml_collections.ConfigDict:
+    """TFDS's imagenet_resized/32x32, w = 16."""
+    config = _imagenet()
+    config.data.name = "imagenet_resized/32x32"
+    config.skeleton.width = 16
+    config.train.epochs = 5
+    config.search.update(dict(max_rounds=8, full_train_cap=64, top_k=24))
+    common.small_controller(config, max_steps=2000)
+    return config
+
+
+def test() -> ml_collections.ConfigDict:
+    """Synthetic 32 px data (the test suite)."""
+    config = _imagenet()
+    config.search.candidate_checkpoints = False
+    common.test_preset(config, image_size=32, num_classes=4)
+    config.train.dtype = "float32"
+    config.train.schedule = "step"
+    config.train.warmup_epochs = 0
+    return config
+
+
+# The presets, defined once: --config=experiments/configs/imagenet.py:<name>.
+PRESETS = {"paper": paper, "resized32": resized32, "test": test}
+PRESET_NAMES = tuple(PRESETS)
+
+
+def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown ImageNet preset {preset!r}; use one of {PRESET_NAMES}")
+    return PRESETS[preset]()

@@ -16,12 +16,9 @@ Override any field: --config.epochs=600 --config.skeleton.width=64.
 
 from memnas_jax import train
 
-PRESETS = ("paper", "quick", "cpu", "smoke")
 
-
-def get_config(preset: str = "paper"):
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}")
+def paper():
+    """The authors' recipe: 300 epochs, steps at 60/180/240, Cutout 16, w = 32."""
     config = train.default_config()
     config.epochs = 300
     config.batch_size = 128
@@ -40,24 +37,50 @@ def get_config(preset: str = "paper"):
     config.checkpoint_every_epochs = 10
     config.eval_every_epochs = 10
     config.compilation_cache_dir = train.AUTO_CACHE  # <workdir>/xla_cache: a rerun skips XLA
-    if preset == "quick":
-        config.update(dict(epochs=30, batch_size=256, eval_batch_size=1000, learning_rate=0.1,
-                           nesterov=True, weight_decay=5e-4, schedule="cosine", warmup_epochs=1,
-                           milestones=(), dtype="bfloat16", checkpoint_every_epochs=5,
-                           eval_every_epochs=5))
-    if preset == "cpu":
-        config.update(dict(epochs=10, batch_size=128, eval_batch_size=500, learning_rate=0.1,
-                           nesterov=True, weight_decay=5e-4, schedule="cosine", warmup_epochs=1,
-                           milestones=(), dtype="float32", checkpoint_every_epochs=1,
-                           eval_every_epochs=10))
-        config.augment.cutout = 0  # too strong a regulariser for 10 epochs
-        config.skeleton.width = 16
-    if preset == "smoke":
-        config.epochs = 2
-        config.milestones = (1,)
-        config.skeleton.width = 8
-        config.data.train_subset = 2000
-        config.data.test_subset = 1000
-        config.checkpoint_every_epochs = 1
-        config.eval_every_epochs = 1
     return config
+
+
+def quick():
+    """30 epochs, cosine, bfloat16, w = 32: minutes on one GPU."""
+    config = paper()
+    config.update(dict(epochs=30, batch_size=256, eval_batch_size=1000, learning_rate=0.1,
+                       nesterov=True, weight_decay=5e-4, schedule="cosine", warmup_epochs=1,
+                       milestones=(), dtype="bfloat16", checkpoint_every_epochs=5,
+                       eval_every_epochs=5))
+    return config
+
+
+def cpu():
+    """The recipe of results/cifar10_cpu: 10 epochs of all 50,000 images, w = 16."""
+    config = paper()
+    config.update(dict(epochs=10, batch_size=128, eval_batch_size=500, learning_rate=0.1,
+                       nesterov=True, weight_decay=5e-4, schedule="cosine", warmup_epochs=1,
+                       milestones=(), dtype="float32", checkpoint_every_epochs=1,
+                       eval_every_epochs=10))
+    config.augment.cutout = 0  # too strong a regulariser for 10 epochs
+    config.skeleton.width = 16
+    return config
+
+
+def smoke():
+    """The same code on a few thousand images for two epochs at w = 8."""
+    config = paper()
+    config.epochs = 2
+    config.milestones = (1,)
+    config.skeleton.width = 8
+    config.data.train_subset = 2000
+    config.data.test_subset = 1000
+    config.checkpoint_every_epochs = 1
+    config.eval_every_epochs = 1
+    return config
+
+
+# The presets, defined once: --config=experiments/configs/train_final.py:<name>.
+PRESETS = {"paper": paper, "quick": quick, "cpu": cpu, "smoke": smoke}
+PRESET_NAMES = tuple(PRESETS)
+
+
+def get_config(preset: str = "paper"):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {PRESET_NAMES}")
+    return PRESETS[preset]()
