@@ -97,27 +97,68 @@ def device_arena(report: dict) -> int | None:
     return accounting.measure(model, image_shape, "tflm").working_bytes
 
 
-def search_rows(search_dir: str | os.PathLike) -> list[Row]:
-    """The search's Pareto front (proxy accuracy, the search's own memory model), answer first."""
+SEARCH_KIND, CONTROL_KIND = "search candidate", "random-search candidate"
+
+
+def search_rows(search_dir: str | os.PathLike, kind: str = SEARCH_KIND) -> list[Row]:
+    """The search's Pareto front (proxy accuracy, the search's own memory model), answer first;
+    `kind` CONTROL_KIND for a random-search control (`search.ranking = "random"`)."""
     best = json.loads((pathlib.Path(search_dir) / "best.json").read_text())
     answer = best.get("best")
     records = [answer] if answer else []
     records += [r for r in best.get("pareto_front", [])
                 if not answer or r["hash"] != answer["hash"]]
-    return [Row(name=f"{'answer' if i == 0 and answer else 'front'} {r['hash'][:10]} "
+    prefix = "" if kind == SEARCH_KIND else "random "
+    return [Row(name=f"{prefix}{'answer' if i == 0 and answer else 'front'} {r['hash'][:10]} "
                      f"(round {r.get('round')})",
-                kind="search candidate", accuracy=r.get("accuracy"),
+                kind=kind, accuracy=r.get("accuracy"),
                 accuracy_of="validation (proxy training)", param_bytes=r["param_bytes"],
                 working_bytes=r["working_bytes"], total_bytes=r["total_bytes"], epochs=None,
                 wall_seconds=None) for i, r in enumerate(records)]
 
 
-def gather(search_dir: str | os.PathLike | None, final_dirs: Sequence[str | os.PathLike]
-           ) -> list[Row]:
+def gather(search_dir: str | os.PathLike | None, final_dirs: Sequence[str | os.PathLike],
+           control_dir: str | os.PathLike | None = None) -> list[Row]:
     rows = [final_row(d) for d in final_dirs]
     if search_dir is not None:
         rows += search_rows(search_dir)
+    if control_dir is not None:
+        rows += search_rows(control_dir, CONTROL_KIND)
     return rows
+
+
+def _dominated(point: dict, others: Sequence[dict]) -> bool:
+    """Whether another point is at least as accurate and as small, and better in one."""
+    return any(o["accuracy"] >= point["accuracy"] and o["total_bytes"] <= point["total_bytes"]
+               and (o["accuracy"], -o["total_bytes"]) != (point["accuracy"],
+                                                           -point["total_bytes"])
+               for o in others)
+
+
+def search_against_control(search_dir: str | os.PathLike, control_dir: str | os.PathLike
+                           ) -> str:
+    """Markdown: a search's answer and Pareto front against its random-search control's (the
+    same candidates generated, the same number trained, chosen at random after the fully
+    trained rounds), on the proxy accuracy and the search's memory model."""
+    searches = {}
+    for name, folder in (("controller", search_dir), ("random", control_dir)):
+        best = json.loads((pathlib.Path(folder) / "best.json").read_text())
+        searches[name] = (best, [r for r in best.get("pareto_front", [])
+                                 if r.get("accuracy") is not None])
+    lines = ["## The search against its random-search control", "",
+             "| ranking | trained | rounds | answer | proxy acc | reward vs its base | "
+             "total MB | front points | of them dominated by the other's front |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, (best, front) in searches.items():
+        other = searches["random" if name == "controller" else "controller"][1]
+        answer = best.get("best") or {}
+        lines.append(
+            f"| {name} | {best.get('num_trained')} | {best.get('rounds_done')} | "
+            f"{answer.get('hash', '-')[:10]} | {_percent(answer.get('accuracy'), 100)} | "
+            f"{_fmt(answer.get('reward'), '+.4f')} | "
+            f"{_fmt(answer.get('total_bytes'), '.3f', MB)} | {len(front)} | "
+            f"{sum(_dominated(p, other) for p in front)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(x, spec: str, scale: float = 1.0) -> str:
@@ -133,7 +174,8 @@ def _percent(x: float | None, scale: float) -> str:
 def record(row: Row) -> dict:
     """The machine-readable row of results.json."""
     return dict(name=row.name, kind=row.kind, width=row.width, params=row.param_count,
-                test_accuracy=row.accuracy if row.kind != "search candidate" else None,
+                test_accuracy=(row.accuracy if row.kind not in (SEARCH_KIND, CONTROL_KIND)
+                               else None),
                 accuracy=row.accuracy, accuracy_of=row.accuracy_of, test_images=row.test_images,
                 train_images=row.train_images, epochs=row.epochs, seed=row.seed,
                 param_bytes=row.param_bytes, working_bytes=row.working_bytes,
@@ -167,7 +209,7 @@ def plot(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
     """Accuracy against total memory: our networks filled, the published points hollow."""
     fig, ax = pyplot().subplots(figsize=(7, 5))
     styles = {"searched": ("o", "tab:red"), "baseline": ("s", "tab:blue"),
-              "search candidate": (".", "tab:gray")}
+              SEARCH_KIND: (".", "tab:gray"), CONTROL_KIND: ("x", "tab:olive")}
     for kind, (marker, color) in styles.items():
         chosen = [r for r in rows if r.kind == kind and r.accuracy is not None]
         if not chosen:
@@ -175,7 +217,7 @@ def plot(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
         ax.scatter([r.total_bytes / MB for r in chosen], [100 * r.accuracy for r in chosen],
                    marker=marker, color=color, label=kind, zorder=3)
         for r in chosen:
-            if kind != "search candidate":
+            if kind not in (SEARCH_KIND, CONTROL_KIND):
                 ax.annotate(r.name, (r.total_bytes / MB, 100 * r.accuracy), fontsize=8,
                             xytext=(4, 4), textcoords="offset points")
     published = [p for p in PUBLISHED if p[3] is not None]
@@ -196,13 +238,16 @@ def plot(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
     save_figure(fig, path)
 
 
-def write(rows: Sequence[Row], out_dir: str | os.PathLike, title: str = "Results") -> None:
+def write(rows: Sequence[Row], out_dir: str | os.PathLike, title: str = "Results",
+          extra_markdown: str = "") -> None:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.md", markdown(rows, title))
+    atomic_write(out / "results.md", markdown(rows, title)
+                 + (f"\n{extra_markdown}" if extra_markdown else ""))
     atomic_write(out / "results.json", json.dumps([record(r) for r in rows], indent=1) + "\n")
     plot(rows, out / "results.png", title)
 
 
-__all__ = ["PUBLISHED", "RESULT_FILE", "Row", "device_arena", "final_row", "gather", "markdown",
-           "plot", "record", "search_rows", "write"]
+__all__ = ["CONTROL_KIND", "PUBLISHED", "RESULT_FILE", "Row", "SEARCH_KIND", "device_arena",
+           "final_row", "gather", "markdown", "plot", "record", "search_against_control",
+           "search_rows", "write"]

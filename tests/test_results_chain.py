@@ -94,3 +94,23 @@ def test_search_final_training_baseline_and_comparison(data_dir, tmp_path):
     import matplotlib.image
     image = matplotlib.image.imread(out / "results.png")
     assert image.ndim == 3 and image.shape[0] > 400
+
+
+def test_a_search_against_its_random_search_control(tmp_path):
+    def point(h, acc, total, reward=None):
+        return dict(hash=h * 10, accuracy=acc, total_bytes=total, param_bytes=total // 2,
+                    working_bytes=total // 2, round=1, reward=reward)
+    fronts = {"search": [point("a", 0.60, 200_000, 0.01), point("b", 0.50, 100_000)],
+              "control": [point("c", 0.55, 250_000, -0.02), point("d", 0.40, 100_000)]}
+    for name, front in fronts.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "best.json").write_text(json.dumps(dict(
+            best=front[0], pareto_front=front, num_trained=26, rounds_done=4)))
+    text = comparison.search_against_control(tmp_path / "search", tmp_path / "control")
+    rows = [line for line in text.splitlines() if line.startswith(("| controller", "| random"))]
+    assert rows[0] == ("| controller | 26 | 4 | aaaaaaaaaa | 60.00 % | +0.0100 | 0.200 | 2 | 0 |")
+    # both control points are beaten: c by a (more accurate, smaller), d by b
+    assert rows[1] == ("| random | 26 | 4 | cccccccccc | 55.00 % | -0.0200 | 0.250 | 2 | 2 |")
+    control = comparison.search_rows(tmp_path / "control", comparison.CONTROL_KIND)
+    assert [r.name for r in control] == ["random answer cccccccccc (round 1)",
+                                         "random front dddddddddd (round 1)"]
