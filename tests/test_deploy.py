@@ -166,7 +166,9 @@ def test_deployed_model_equals_tflm_on_a_fuzz_sample():
 @needs_deploy
 @pytest.mark.slow
 def test_deployed_model_equals_tflm_on_the_whole_fuzz_set():
-    _fuzz(200)  # plus the four baselines: benchmarks/deploy_memory.py reports the same set
+    # 80 networks plus the four baselines (CI's budget); benchmarks/deploy_memory.py
+    # --networks=200 reports 204 of 204 exact (results/deploy/deploy_memory.json).
+    _fuzz(80)
 
 
 @needs_deploy
