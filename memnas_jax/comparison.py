@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import statistics
 from typing import Sequence
 
 from memnas_jax.io import atomic_write
@@ -127,6 +128,70 @@ def gather(search_dir: str | os.PathLike | None, final_dirs: Sequence[str | os.P
     return rows
 
 
+FINAL_KINDS = ("searched", "baseline")  # rows of a final training, on the test set
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedSummary:
+    """One network's final trainings across seeds: the mean test accuracy and its spread.
+    Memory does not depend on the seed (one architecture, one accounting)."""
+
+    name: str
+    kind: str
+    seeds: tuple[int | None, ...]
+    accuracies: tuple[float, ...]
+    total_bytes: int
+    device_arena_bytes: int | None
+    param_bytes: int
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accuracies)
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (n - 1); None for a single seed."""
+        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else None
+
+
+def seed_summaries(rows: Sequence[Row]) -> list[SeedSummary]:
+    """The final-training rows grouped by network (name and kind), in first-seen order."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        if r.kind in FINAL_KINDS and r.accuracy is not None:
+            groups.setdefault((r.name, r.kind), []).append(r)
+    summaries = []
+    for (name, kind), runs in groups.items():
+        if len({(r.total_bytes, r.param_bytes) for r in runs}) != 1:
+            raise ValueError(f"the runs named {name!r} differ in memory: they are not one "
+                             "network; give each network's runs one name")
+        summaries.append(SeedSummary(
+            name=name, kind=kind, seeds=tuple(r.seed for r in runs),
+            accuracies=tuple(r.accuracy for r in runs), total_bytes=runs[0].total_bytes,
+            device_arena_bytes=runs[0].device_arena_bytes, param_bytes=runs[0].param_bytes))
+    return summaries
+
+
+def seeds_markdown(summaries: Sequence[SeedSummary]) -> str:
+    """Markdown: mean test accuracy and spread per network; empty unless a network has several
+    seeds."""
+    if not any(len(s.seeds) > 1 for s in summaries):
+        return ""
+    lines = ["## Across seeds", "",
+             "Mean test accuracy over the seeds run, sample standard deviation (n - 1) and the "
+             "range.", "",
+             "| network | kind | seeds | mean | std | min - max | total MB | device arena MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        seeds = ", ".join("-" if x is None else str(x) for x in s.seeds)
+        lines.append(
+            f"| {s.name} | {s.kind} | {seeds} | {_percent(s.mean, 100)} | "
+            f"{_fmt(None if s.std is None else 100 * s.std, '.2f')} | "
+            f"{100 * min(s.accuracies):.2f} - {100 * max(s.accuracies):.2f} | "
+            f"{_fmt(s.total_bytes, '.3f', MB)} | {_fmt(s.device_arena_bytes, '.3f', MB)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _dominated(point: dict, others: Sequence[dict]) -> bool:
     """Whether another point is at least as accurate and as small, and better in one."""
     return any(o["accuracy"] >= point["accuracy"] and o["total_bytes"] <= point["total_bytes"]
@@ -189,15 +254,19 @@ def markdown(rows: Sequence[Row], title: str = "Results") -> str:
              "(`memory.analyze`, paper convention), in MB (1e6 bytes). Device arena: the "
              "activation arena TFLite Micro plans for the network exported to LiteRT (float32, "
              "batch 1), measured in the runtime (accounting `tflm`).", "",
-             "| network | kind | accuracy | of | param MB | working MB | total MB | "
-             "device arena MB | epochs | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| network | kind | seed | accuracy | of | param MB | working MB | total MB | "
+             "device arena MB | epochs | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r.name} | {r.kind} | {_percent(r.accuracy, 100)} | "
+            f"| {r.name} | {r.kind} | {_fmt(r.seed, 'd')} | {_percent(r.accuracy, 100)} | "
             f"{r.accuracy_of} | {_fmt(r.param_bytes, '.3f', MB)} | "
             f"{_fmt(r.working_bytes, '.3f', MB)} | {_fmt(r.total_bytes, '.3f', MB)} | "
             f"{_fmt(r.device_arena_bytes, '.3f', MB)} | "
             f"{_fmt(r.epochs, 'd')} | {_fmt(r.wall_seconds, '.0f')} |")
+    seeds = seeds_markdown(seed_summaries(rows))
+    if seeds:
+        lines += ["", seeds.rstrip("\n")]
     lines += ["", "As published (MemNAS paper, CIFAR-10; their accounting, not ours):", "",
               "| network | total MB | param MB | top-1 |", "|---|---|---|---|"]
     for name, total, param, top1 in PUBLISHED:
@@ -210,16 +279,26 @@ def plot(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
     fig, ax = pyplot().subplots(figsize=(7, 5))
     styles = {"searched": ("o", "tab:red"), "baseline": ("s", "tab:blue"),
               SEARCH_KIND: (".", "tab:gray"), CONTROL_KIND: ("x", "tab:olive")}
+    summaries = seed_summaries(rows)
     for kind, (marker, color) in styles.items():
-        chosen = [r for r in rows if r.kind == kind and r.accuracy is not None]
-        if not chosen:
+        if kind in FINAL_KINDS:  # one point per network: the mean over seeds, bars the range
+            chosen = [s for s in summaries if s.kind == kind]
+            if not chosen:
+                continue
+            means = [100 * s.mean for s in chosen]
+            ax.errorbar([s.total_bytes / MB for s in chosen], means,
+                        yerr=[[m - 100 * min(s.accuracies) for m, s in zip(means, chosen)],
+                              [100 * max(s.accuracies) - m for m, s in zip(means, chosen)]],
+                        fmt=marker, color=color, label=kind, zorder=3, capsize=3)
+            for s, m in zip(chosen, means):
+                label = s.name + (f" ({len(s.seeds)} seeds)" if len(s.seeds) > 1 else "")
+                ax.annotate(label, (s.total_bytes / MB, m), fontsize=8, xytext=(4, 4),
+                            textcoords="offset points")
             continue
-        ax.scatter([r.total_bytes / MB for r in chosen], [100 * r.accuracy for r in chosen],
-                   marker=marker, color=color, label=kind, zorder=3)
-        for r in chosen:
-            if kind not in (SEARCH_KIND, CONTROL_KIND):
-                ax.annotate(r.name, (r.total_bytes / MB, 100 * r.accuracy), fontsize=8,
-                            xytext=(4, 4), textcoords="offset points")
+        chosen = [r for r in rows if r.kind == kind and r.accuracy is not None]
+        if chosen:
+            ax.scatter([r.total_bytes / MB for r in chosen], [100 * r.accuracy for r in chosen],
+                       marker=marker, color=color, label=kind, zorder=3)
     published = [p for p in PUBLISHED if p[3] is not None]
     ax.scatter([p[1] for p in published], [p[3] for p in published], facecolors="none",
                edgecolors="black", label="as published (their accounting)", zorder=2)
@@ -248,6 +327,6 @@ def write(rows: Sequence[Row], out_dir: str | os.PathLike, title: str = "Results
     plot(rows, out / "results.png", title)
 
 
-__all__ = ["CONTROL_KIND", "PUBLISHED", "RESULT_FILE", "Row", "SEARCH_KIND", "device_arena",
-           "final_row", "gather", "markdown", "plot", "record", "search_against_control",
-           "search_rows", "write"]
+__all__ = ["CONTROL_KIND", "FINAL_KINDS", "PUBLISHED", "RESULT_FILE", "Row", "SEARCH_KIND",
+           "SeedSummary", "device_arena", "final_row", "gather", "markdown", "plot", "record",
+           "search_against_control", "search_rows", "seed_summaries", "seeds_markdown", "write"]

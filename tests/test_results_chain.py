@@ -89,7 +89,9 @@ def test_search_final_training_baseline_and_comparison(data_dir, tmp_path):
     assert [r.kind for r in rows[:2]] == ["searched", "baseline"]
     assert rows[2].name.startswith("answer") and all(r.accuracy is not None for r in rows)
     for row in rows[:2]:
-        assert f"| {row.name} | {row.kind} | {100 * row.accuracy:.2f} % | test, 1 epochs |" in table
+        seed = "-" if row.seed is None else row.seed
+        assert (f"| {row.name} | {row.kind} | {seed} | {100 * row.accuracy:.2f} % "
+                "| test, 1 epochs |") in table
     assert "As published" in table and "| ResNet-56 | 6.7 | 3.4 | 93.0 % |" in table
     import matplotlib.image
     image = matplotlib.image.imread(out / "results.png")
@@ -114,3 +116,32 @@ def test_a_search_against_its_random_search_control(tmp_path):
     control = comparison.search_rows(tmp_path / "control", comparison.CONTROL_KIND)
     assert [r.name for r in control] == ["random answer cccccccccc (round 1)",
                                          "random front dddddddddd (round 1)"]
+
+
+def test_final_trainings_are_summarised_across_seeds(tmp_path):
+    def run(name, kind, seed, accuracy, total=300_000):
+        return comparison.Row(name=name, kind=kind, accuracy=accuracy,
+                              accuracy_of="test, 10 epochs", param_bytes=total // 3,
+                              working_bytes=total - total // 3,
+                              total_bytes=total, epochs=10, wall_seconds=1.0, seed=seed,
+                              device_arena_bytes=total)
+    rows = [run("searched x", "searched", 0, 0.7496),
+            run("resnet8", "baseline", 0, 0.7337, 432_000),
+            run("searched x", "searched", 1, 0.7520),
+            run("resnet8", "baseline", 1, 0.7301, 432_000),
+            run("resnet20", "baseline", 0, 0.7791, 1_210_000)]
+    searched, resnet8, resnet20 = comparison.seed_summaries(rows)
+    assert searched.seeds == (0, 1) and searched.accuracies == (0.7496, 0.7520)
+    assert searched.mean == pytest.approx(0.7508)
+    assert searched.std == pytest.approx(0.0024 / 2 ** 0.5)  # two seeds: |a - b| / sqrt(2)
+    assert resnet20.std is None and resnet20.seeds == (0,)
+    text = comparison.markdown(rows)
+    assert ("| searched x | searched | 0, 1 | 75.08 % | 0.17 | 74.96 - 75.20 | 0.300 | 0.300 |"
+            in text)
+    assert "| resnet20 | baseline | 0 | 77.91 % | - | 77.91 - 77.91 | 1.210 | 1.210 |" in text
+    assert "| resnet8 | baseline | 1 | 73.01 % | test, 10 epochs |" in text  # each run stays
+    assert comparison.seeds_markdown(comparison.seed_summaries(rows[:2])) == ""  # one seed each
+    with pytest.raises(ValueError, match="differ in memory"):
+        comparison.seed_summaries([run("n", "searched", 0, 0.5), run("n", "searched", 1, 0.5, 9)])
+    comparison.plot(rows, tmp_path / "results.png")
+    assert (tmp_path / "results.png").stat().st_size > 10_000
