@@ -142,7 +142,6 @@ class SeedSummary:
     accuracies: tuple[float, ...]
     total_bytes: int
     device_arena_bytes: int | None
-    param_bytes: int
 
     @property
     def mean(self) -> float:
@@ -168,7 +167,7 @@ def seed_summaries(rows: Sequence[Row]) -> list[SeedSummary]:
         summaries.append(SeedSummary(
             name=name, kind=kind, seeds=tuple(r.seed for r in runs),
             accuracies=tuple(r.accuracy for r in runs), total_bytes=runs[0].total_bytes,
-            device_arena_bytes=runs[0].device_arena_bytes, param_bytes=runs[0].param_bytes))
+            device_arena_bytes=runs[0].device_arena_bytes))
     return summaries
 
 
@@ -239,8 +238,7 @@ def _percent(x: float | None, scale: float) -> str:
 def record(row: Row) -> dict:
     """The machine-readable row of results.json."""
     return dict(name=row.name, kind=row.kind, width=row.width, params=row.param_count,
-                test_accuracy=(row.accuracy if row.kind not in (SEARCH_KIND, CONTROL_KIND)
-                               else None),
+                test_accuracy=row.accuracy if row.kind in FINAL_KINDS else None,
                 accuracy=row.accuracy, accuracy_of=row.accuracy_of, test_images=row.test_images,
                 train_images=row.train_images, epochs=row.epochs, seed=row.seed,
                 param_bytes=row.param_bytes, working_bytes=row.working_bytes,
